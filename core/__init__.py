@@ -1,0 +1,1 @@
+"""rawtune's shared machinery: one training loop and the small builders around it."""

@@ -1,0 +1,119 @@
+"""Checkpoints that hold everything needed to continue, and survive a crash mid-save.
+
+A checkpoint is a directory `checkpoints/step-000123/` with the trainable weights,
+the optimizer (and fp16 gradient scaler), the loop's counters and every rank's RNG
+states. It is written under a temporary name and renamed into place: rename is
+atomic, so a process killed while saving leaves the previous checkpoints intact
+and no half-written `step-*` directory behind.
+"""
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.errors import fail
+
+PREFIX = "step-"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights training changes: all of them for full fine-tuning, the adapters for LoRA."""
+    return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save(ckpt_root: Path, step: int, accelerator, model: torch.nn.Module,
+         optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int) -> Path:
+    """Write checkpoint `step` atomically on all ranks; returns its final path."""
+    final = ckpt_root / f"{PREFIX}{step:06d}"
+    tmp = ckpt_root / f".tmp-{PREFIX}{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    # Each rank draws its own dropout masks, so each keeps its own RNG states.
+    torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        torch.save(trainable_state(accelerator.unwrap_model(model)), tmp / "model.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # Written last: its presence marks every other file as complete.
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in complete_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    found = [p for p in ckpt_root.glob(f"{PREFIX}*") if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def resolve(resume_from: str, output_dir: Path) -> Path:
+    """`latest` → the newest complete checkpoint of this output dir; else a given path."""
+    if resume_from == "latest":
+        found = complete_checkpoints(output_dir / "checkpoints")
+        if not found:
+            raise fail(f"no checkpoint to resume from in {output_dir / 'checkpoints'}",
+                       "drop --resume-from, or point --output-dir at the interrupted run")
+        return found[-1]
+    path = Path(resume_from)
+    if not (path / "trainer_state.json").is_file():
+        raise fail(f"{resume_from} is not a checkpoint (no trainer_state.json)",
+                   "pass a checkpoints/step-N directory or 'latest'")
+    return path
+
+
+def load(path: Path, accelerator, model: torch.nn.Module,
+         optimizer: torch.optim.Optimizer, fingerprint: str) -> dict[str, Any]:
+    """Restore weights, optimizer, scaler and this rank's RNG; return the loop state."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state.get("fingerprint") != fingerprint:
+        raise fail(f"checkpoint {path} belongs to another model or task",
+                   "resume with the same --model and trainable settings as the original run")
+    weights = torch.load(path / "model.pt", weights_only=True)
+    unwrapped = accelerator.unwrap_model(model)
+    params = dict(unwrapped.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if accelerator.scaler is not None and (path / "scaler.pt").is_file():
+        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    rng_file = path / f"rng_rank{accelerator.process_index}.pt"
+    if rng_file.is_file():  # absent when resuming on more ranks than saved
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """Names and shapes of the trainable weights: enough to refuse a foreign checkpoint."""
+    names = ";".join(f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters() if p.requires_grad)
+    return hashlib.sha256(names.encode()).hexdigest()[:16]

@@ -1,0 +1,27 @@
+"""Dynamic padding: each batch is padded only to its own longest row."""
+
+import torch
+
+
+def pad_batch(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack token rows into tensors; `labels` are padded with -100 so padding costs no loss.
+
+    Rows hold `input_ids` and optionally `labels` (a list per token, or one int per row).
+    """
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    token_labels = "labels" in rows[0] and isinstance(rows[0]["labels"], list)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long) if token_labels else None
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        ids[i, :n] = torch.tensor(row["input_ids"])
+        mask[i, :n] = 1
+        if token_labels:
+            labels[i, :n] = torch.tensor(row["labels"])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if token_labels:
+        batch["labels"] = labels
+    elif "labels" in rows[0]:
+        batch["labels"] = torch.tensor([r["labels"] for r in rows])
+    return batch

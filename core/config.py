@@ -1,0 +1,199 @@
+"""Typed run configuration: one dataclass per script, flags generated from its fields.
+
+Each field carries its help text, so the dataclass is the single place that says
+what a setting means and what its default is. A JSON or YAML file given with
+`--config` supplies values first; flags on the command line override it. The
+resolved dataclass is what the run saves as `config.json`.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from core.errors import UsageError, fail
+
+C = TypeVar("C", bound="TrainConfig")
+
+
+def opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A config field: its default, its help line, and any argparse overrides."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default),
+                                 metadata={"help": help, **argparse_kwargs})
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings every training script shares: the loop, the optimiser, the run's files."""
+
+    config: str | None = opt(None, "JSON or YAML file of settings; flags given here override it")
+    demo: bool = opt(False, "offline demo: tiny model, tokenizer trained on the fly, shipped data")
+    model: str = opt("", "model name on the hub or a local directory")
+    dataset: str | None = opt(None, "data set name on the hub (ignored when --train-file is given)")
+    train_split: str = opt("train", "split of --dataset to train on")
+    eval_split: str = opt("test", "split of --dataset to evaluate on")
+    train_file: str | None = opt(None, "local training file: csv, tsv, json, jsonl or parquet")
+    eval_file: str | None = opt(None, "local evaluation file, same formats")
+    max_train_samples: int | None = opt(None, "keep only the first N training rows")
+    max_eval_samples: int | None = opt(None, "keep only the first N evaluation rows")
+    max_length: int = opt(512, "truncate inputs to this many tokens")
+    output_dir: str = opt("runs/latest", "where the run writes its files")
+    overwrite: bool = opt(False, "allow writing into a non-empty --output-dir")
+    run_name: str | None = opt(None, "name shown in comparisons (default: the output dir's name)")
+
+    epochs: float = opt(1, "passes over the training set (fractions allowed)")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides --epochs)")
+    batch_size: int = opt(16, "examples per micro-batch on each device")
+    eval_batch_size: int = opt(16, "examples per evaluation batch on each device")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(2e-5, "peak learning rate")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norm weights)")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    warmup_ratio: float = opt(0.0, "fraction of optimizer steps spent warming up the learning rate")
+    warmup_steps: int | None = opt(None, "warmup length in steps (overrides --warmup-ratio)")
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this; 0 disables clipping")
+    mixed_precision: str = opt("no", "autocast precision", choices=["no", "bf16", "fp16"])
+    group_by_length: bool = opt(True, "batch examples of similar length (shuffled, seeded) to cut padding")
+    seed: int = opt(42, "seed for data order, initialisation and dropout")
+
+    eval_every: int = opt(0, "evaluate every N optimizer steps; 0 = at the end of each epoch")
+    save_every: int = opt(0, "checkpoint every N optimizer steps; 0 = only at the end")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    resume_from: str | None = opt(None, "checkpoint directory to continue from, or 'latest'")
+    log_every: int = opt(10, "read losses back from the device every N steps (each step is still logged)")
+    skip_nonfinite: bool = opt(False, "skip optimizer steps whose loss or gradient is not finite")
+
+    def validate(self) -> None:
+        """Check ranges that argparse cannot; raise UsageError naming the flag."""
+        positive = {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
+                    "grad_accum": self.grad_accum, "lr": self.lr, "max_length": self.max_length,
+                    "epochs": self.epochs, "log_every": self.log_every,
+                    "keep_checkpoints": self.keep_checkpoints}
+        for name, value in positive.items():
+            if not value > 0:
+                raise fail(f"--{flag(name)} must be positive, got {value}",
+                           f"pass a value above 0 to --{flag(name)}")
+        non_negative = {"weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm,
+                        "eval_every": self.eval_every, "save_every": self.save_every}
+        for name, value in non_negative.items():
+            if value < 0:
+                raise fail(f"--{flag(name)} must not be negative, got {value}",
+                           f"pass 0 or more to --{flag(name)}")
+        for name in ("max_steps", "warmup_steps", "max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "warmup_steps" else 1):
+                raise fail(f"--{flag(name)} is out of range: {value}", f"pass a positive --{flag(name)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise fail(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}",
+                       "pass a fraction such as 0.1")
+        if not self.model and not self.demo:
+            raise fail("no model given", "pass --model NAME_OR_DIR, or --demo")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def flag(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors become one-line UsageErrors instead of usage dumps."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(f"{message} — see --help")
+
+
+def _argparse_kwargs(field: dataclasses.Field, hint: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"help": field.metadata["help"]}
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `T | None`
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if hint is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        kwargs.update(nargs="+", type=item)
+    else:
+        kwargs["type"] = hint
+    kwargs.update({k: v for k, v in field.metadata.items() if k != "help"})
+    return kwargs
+
+
+def build_parser(cls: type[C], description: str) -> argparse.ArgumentParser:
+    parser = _Parser(description=description,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        parser.add_argument(f"--{flag(field.name)}", dest=field.name,
+                            default=field.default if field.default is not dataclasses.MISSING
+                            else field.default_factory(),
+                            **_argparse_kwargs(field, hints[field.name]))
+    return parser
+
+
+def read_config_file(path: str, cls: type[C]) -> dict[str, Any]:
+    """Settings from a JSON or YAML file, keys spelt as fields or as flags."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise fail(f"cannot read config file {path}: {err.__class__.__name__}",
+                   "check the path given to --config") from None
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as err:  # yaml and json raise different error types
+        raise fail(f"config file {path} is not valid {file.suffix.lstrip('.').upper() or 'JSON'}: "
+                   f"{str(err).splitlines()[0]}", "fix the file's syntax") from None
+    if not isinstance(values, dict):
+        raise fail(f"config file {path} does not hold a mapping of settings",
+                   "write it as {\"lr\": 2e-5, ...}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise fail(f"config file {path} has unknown settings: {', '.join(unknown)}",
+                   "remove them or check the spelling against --help")
+    return values
+
+
+def _as_flags(values: dict[str, Any]) -> list[str]:
+    """Config-file settings spelt as command-line flags, so argparse converts every type alike."""
+    argv: list[str] = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv.append(f"--{'' if value else 'no-'}{flag(name)}")
+        elif isinstance(value, list) and value and isinstance(value[0], list):
+            for item in value:  # a repeatable flag that takes several values each time
+                argv += [f"--{flag(name)}", *map(str, item)]
+        elif isinstance(value, list):
+            argv += [f"--{flag(name)}", *map(str, value)]
+        else:
+            argv += [f"--{flag(name)}", str(value)]
+    return argv
+
+
+def parse_config(cls: type[C], argv: list[str] | None, description: str) -> C:
+    """Flags over config file over dataclass defaults, validated."""
+    parser = build_parser(cls, description)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        # Later flags win in argparse, so the file's settings go first.
+        argv = _as_flags(read_config_file(pre.config, cls)) + argv
+    cfg = cls(**vars(parser.parse_args(argv)))
+    cfg.validate()
+    return cfg

@@ -1,0 +1,59 @@
+"""AdamW with decoupled weight decay, and the linear warmup-then-decay schedule.
+
+Both are written out rather than pulled from a helper so that a reader sees the
+two decisions that matter: which parameters are decayed, and what the learning
+rate is at every step.
+"""
+
+import math
+
+import torch
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices are decayed; biases and norm weights (1-D tensors) are not.
+
+    Decaying a bias or a LayerNorm gain only pulls it towards zero, which is not the
+    regularisation weight decay is meant to give, so they get none. Frozen
+    parameters (LoRA's base weights) are left out: the optimizer never sees them.
+    """
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_adamw(model: torch.nn.Module, lr: float, weight_decay: float,
+                betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+    # The fused kernel updates every parameter in one launch; it exists for CUDA
+    # and CPU tensors, which is where our parameters live.
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
+                             fused=device.type in ("cuda", "cpu"))
+
+
+def warmup_steps_for(total_steps: int, warmup_ratio: float, warmup_steps: int | None) -> int:
+    if warmup_steps is not None:
+        return warmup_steps
+    return math.ceil(total_steps * warmup_ratio)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Multiplier on the peak lr for optimizer step `step` (0-based).
+
+    It rises linearly from 0 over `warmup` steps, so Adam's early, noisy second-moment
+    estimates meet small updates, then falls linearly to 0 at `total`, so the last
+    updates are the gentlest.
+    """
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, peak_lr: float, factor: float) -> float:
+    lr = peak_lr * factor
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr

@@ -1,0 +1,76 @@
+"""What a run tells its user: a rich progress bar and a JSONL record per step.
+
+Only the main process reports; the others train silently.
+"""
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+
+class RunLog:
+    def __init__(self, path: Path, total_steps: int, enabled: bool, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = path
+        self.console = Console(stderr=True)
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
+                                 TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=self.console, disable=not enabled)
+        self.task = self.progress.add_task("train", total=total_steps, completed=resume_step,
+                                           stats="")
+        if enabled:
+            self._truncate_after(resume_step)
+            self.progress.start()
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop records the interrupted run wrote after its last checkpoint."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def step(self, record: dict[str, Any]) -> None:
+        self.write({"type": "train", **record})
+        stats = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                 f"{record['samples_per_s']:.1f} samples/s")
+        self.progress.update(self.task, completed=record["step"], stats=stats)
+
+    def eval(self, record: dict[str, Any]) -> None:
+        self.write({"type": "eval", **record})
+        if self.enabled:
+            shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float)}
+            self.console.print(f"eval @ step {record['step']}: {shown}")
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class Timer:
+    """Wall-clock time spent training, excluding evaluation and checkpointing."""
+
+    def __init__(self, elapsed: float = 0.0):
+        self.elapsed = elapsed
+        self._start: float | None = None
+
+    def __enter__(self) -> "Timer":
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.elapsed += time.perf_counter() - self._start

@@ -1,0 +1,1 @@
+"""Evaluation helpers: classification metrics, confusion-matrix plots and run comparison."""

@@ -1,0 +1,142 @@
+"""Sequence classification: labels to ids, tokenisation, the per-example loss, evaluation."""
+
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.batching import eval_batches
+from core.collate import pad_batch
+from core.errors import fail
+from eval.classification import classification_metrics
+
+
+@dataclass
+class LabelMap:
+    names: list[str]   # id -> name
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+
+def label_map(train: datasets.Dataset, column: str) -> LabelMap:
+    """Ids for the label column: int labels are kept, string labels numbered in sorted order."""
+    feature = train.features[column]
+    if isinstance(feature, datasets.ClassLabel):
+        return LabelMap(list(feature.names))
+    values = list(train[column])
+    if all(isinstance(v, str) for v in values):
+        return LabelMap(sorted(set(values)))
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if min(values) < 0:
+            raise fail(f"label column '{column}' holds negative ids (smallest {min(values)})",
+                       "use ids 0..K-1 or string labels")
+        return LabelMap([str(i) for i in range(max(values) + 1)])
+    kinds = sorted({type(v).__name__ for v in values})
+    raise fail(f"label column '{column}' holds {'/'.join(kinds)} values, not ints or strings",
+               "convert the labels to integer ids or to class names")
+
+
+def label_ids(rows: datasets.Dataset, column: str, labels: LabelMap, where: str) -> list[int]:
+    values = list(rows[column])
+    if isinstance(rows.features[column], datasets.ClassLabel) or not values or \
+            not isinstance(values[0], str):
+        bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool)
+               or not 0 <= v < len(labels.names)]
+        if bad:
+            raise fail(f"{where} has labels outside 0..{len(labels.names) - 1} (e.g. {bad[0]!r})",
+                       "make eval labels match the training labels")
+        return list(values)
+    unknown = sorted(set(values) - set(labels.names))
+    if unknown:
+        raise fail(f"{where} has labels not seen in training: {', '.join(map(str, unknown[:5]))}",
+                   "make eval labels match the training labels")
+    ids = labels.label2id
+    return [ids[v] for v in values]
+
+
+def tokenize(rows: datasets.Dataset, tokenizer, text_column: str, pair_column: str | None,
+             label_column: str, labels: LabelMap, max_length: int, where: str) -> list[dict]:
+    """Tokenise once, truncating to `max_length`; padding waits for the batch."""
+    texts = list(rows[text_column])
+    pairs = list(rows[pair_column]) if pair_column else None
+    for name, column in ((text_column, texts), (pair_column, pairs)):
+        if column is not None and not all(isinstance(t, str) for t in column):
+            raise fail(f"text column '{name}' of {where} holds non-text values",
+                       "name a column of strings")
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    ids = label_ids(rows, label_column, labels, where)
+    return [{"input_ids": input_ids, "labels": label}
+            for input_ids, label in zip(encoded["input_ids"], ids)]
+
+
+class ClassificationTask:
+    """Plugs sequence classification into core.loop: the loss is a mean over examples."""
+
+    unit = "examples"
+
+    def __init__(self, eval_rows: list[dict], pad_id: int, eval_batch_size: int,
+                 num_labels: int, accelerator):
+        self.eval_rows = eval_rows
+        self.pad_id = pad_id
+        self.eval_batch_size = eval_batch_size
+        self.num_labels = num_labels
+        self.accelerator = accelerator
+        self.predictions: list[dict[str, Any]] = []
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        return pad_batch(rows, self.pad_id)
+
+    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.tensor(len(batch["labels"]), device=batch["labels"].device)
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # In fp32: softmax over bf16 logits loses the small differences the loss is made of.
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Metrics over the whole eval set; each rank scores its shard, results are gathered."""
+        acc = self.accelerator
+        lengths = [len(r["input_ids"]) for r in self.eval_rows]
+        local = []
+        for idx in eval_batches(len(self.eval_rows), self.eval_batch_size, acc.num_processes,
+                                acc.process_index, lengths):
+            batch = {k: v.to(acc.device) for k, v in
+                     self.collate([self.eval_rows[i] for i in idx]).items()}
+            with acc.autocast():
+                logits = model(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"]).logits.float()
+            losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+            probs = logits.softmax(-1)
+            local += [(i, int(label), float(loss), p) for i, label, loss, p in
+                      zip(idx, batch["labels"].tolist(), losses.tolist(), probs.tolist())]
+        rows = sorted(_gather(local, acc), key=lambda r: r[0])
+        labels = np.array([r[1] for r in rows])
+        probs = np.array([r[3] for r in rows])
+        preds = probs.argmax(-1)
+        metrics = classification_metrics(labels, preds, self.num_labels)
+        metrics["loss"] = float(np.mean([r[2] for r in rows]))
+        metrics["n_eval"] = len(rows)
+        self.predictions = [{"index": i, "label": int(y), "prediction": int(p),
+                             "probabilities": [round(x, 6) for x in pr]}
+                            for (i, *_), y, p, pr in zip(rows, labels, preds, probs.tolist())]
+        return metrics
+
+
+def _gather(local: list, accelerator) -> list:
+    """Every rank's results on every rank; each eval example appears exactly once."""
+    if accelerator.num_processes == 1:
+        return local
+    gathered = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(gathered, local)
+    return [item for part in gathered for item in part]
