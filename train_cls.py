@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from core import run_dir
+from core import checkpoint, run_dir
 from core.config import TrainConfig, opt, parse_config
 from core.data import load_split, require_columns, take
 from core.demo import data_file, tiny_distilbert_config, wordpiece_tokenizer
@@ -26,7 +26,7 @@ from tasks.classification import ClassificationTask, label_map, tokenize
 PRODUCED = ["config.json", "train_log.jsonl", "metrics.json", "predictions.jsonl",
             "confusion_matrix.png", "model", "checkpoints"]
 
-# --demo: shipped reviews, a tiny model and tokenizer; flags given after still win.
+# --demo: shipped reviews, a tiny model and tokenizer; a --config file and flags still win.
 DEMO_FLAGS = ["--train-file", data_file("sentiment.jsonl"), "--max-train-samples", "1000",
               "--epochs", "4", "--lr", "1e-3", "--warmup-ratio", "0.1", "--max-length", "128",
               "--batch-size", "16", "--eval-batch-size", "64"]
@@ -64,24 +64,38 @@ def load_rows(cfg: ClsConfig):
     return train_rows, eval_rows
 
 
-def load_model(cfg: ClsConfig, labels, train_rows):
-    """(tokenizer, model): from the hub or a directory, or built tiny for --demo."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def load_tokenizer(cfg: ClsConfig, train_rows):
+    """From the hub or a directory, or trained on the training texts for --demo."""
+    from transformers import AutoTokenizer
+    if cfg.demo and cfg.model == ClsConfig.model:
+        return wordpiece_tokenizer(list(train_rows[cfg.text_column]), max_length=cfg.max_length)
+    return load_pretrained(AutoTokenizer.from_pretrained, cfg.model, "tokenizer")
+
+
+def model_config(cfg: ClsConfig, labels, vocab_size: int):
+    """The model's config with our labels; checks --max-length before any weights are read."""
+    from transformers import AutoConfig
     label_kwargs = {"num_labels": len(labels.names), "id2label": labels.id2label,
                     "label2id": labels.label2id}
     if cfg.demo and cfg.model == ClsConfig.model:
-        tokenizer = wordpiece_tokenizer(list(train_rows[cfg.text_column]), max_length=cfg.max_length)
-        config = tiny_distilbert_config(len(tokenizer), len(labels.names), cfg.max_length)
+        config = tiny_distilbert_config(vocab_size, len(labels.names), cfg.max_length)
         config.update({k: v for k, v in label_kwargs.items() if k != "num_labels"})
-        return tokenizer, AutoModelForSequenceClassification.from_config(config)
-    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, cfg.model, "tokenizer")
-    model = load_pretrained(AutoModelForSequenceClassification.from_pretrained, cfg.model,
-                            "model", **label_kwargs)
-    limit = max_positions(model.config)
+        return config
+    config = load_pretrained(AutoConfig.from_pretrained, cfg.model, "model", **label_kwargs)
+    limit = max_positions(config)
     if limit is not None and cfg.max_length > limit:
         raise fail(f"--max-length {cfg.max_length} is above {cfg.model}'s limit of {limit} tokens",
                    f"pass --max-length {limit} or less")
-    return tokenizer, model
+    return config
+
+
+def load_model(cfg: ClsConfig, config):
+    """The classifier: pretrained weights with a new head, or built tiny for --demo."""
+    from transformers import AutoModelForSequenceClassification
+    if cfg.demo and cfg.model == ClsConfig.model:
+        return AutoModelForSequenceClassification.from_config(config)
+    return load_pretrained(AutoModelForSequenceClassification.from_pretrained, cfg.model,
+                           "model", config=config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,19 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import set_seed
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = parse_config(ClsConfig, DEMO_FLAGS + argv if "--demo" in argv else argv, __doc__)
+    cfg = parse_config(ClsConfig, argv, __doc__, DEMO_FLAGS if "--demo" in argv else None)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     out_dir = run_dir.choose(cfg.output_dir, "cls-demo" if cfg.demo else "cls", accelerator)
     run_dir.check_writable(out_dir, cfg.overwrite, bool(cfg.resume_from))
+    if cfg.resume_from:  # a checkpoint that is not there is bad input: say so before writing
+        checkpoint.resolve(cfg.resume_from, out_dir)
     set_seed(cfg.seed)
 
     # Everything that can fail on bad input happens before the first file is written.
     train_raw, eval_raw = load_rows(cfg)
     labels = label_map(train_raw, cfg.label_column)
-    tokenizer, model = load_model(cfg, labels, train_raw)
+    tokenizer = load_tokenizer(cfg, train_raw)
+    config = model_config(cfg, labels, len(tokenizer))
     columns = (cfg.text_column, cfg.text_pair_column, cfg.label_column)
     train_rows = tokenize(train_raw, tokenizer, *columns, labels, cfg.max_length, "the training data")
     eval_rows = tokenize(eval_raw, tokenizer, *columns, labels, cfg.max_length, "the eval data")
+    model = load_model(cfg, config)  # last: the weights are the slow part
 
     if accelerator.is_main_process:
         run_dir.create(out_dir, PRODUCED, cfg.overwrite, bool(cfg.resume_from))

@@ -23,10 +23,12 @@ PREFIX = "step-"
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's generators. On CUDA only the current device's: each rank owns one
+    GPU, and asking for every device's state would create a context on all of them."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -35,7 +37,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -49,7 +51,9 @@ def save(ckpt_root: Path, step: int, accelerator, model: torch.nn.Module,
     final = ckpt_root / f"{PREFIX}{step:06d}"
     tmp = ckpt_root / f".tmp-{PREFIX}{step:06d}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Left-overs of saves that were killed half-way are incomplete by construction.
+        for stale in ckpt_root.glob(f".tmp-{PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     # Each rank draws its own dropout masks, so each keeps its own RNG states.
@@ -63,8 +67,13 @@ def save(ckpt_root: Path, step: int, accelerator, model: torch.nn.Module,
     if accelerator.is_main_process:
         # Written last: its presence marks every other file as complete.
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        if final.exists():  # the same step saved again (a resumed run stopped at once)
+            old = ckpt_root / f".tmp-old-{final.name}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
         for old in complete_checkpoints(ckpt_root)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -72,6 +81,7 @@ def save(ckpt_root: Path, step: int, accelerator, model: torch.nn.Module,
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """`step-*` directories holding trainer_state.json, oldest first."""
     found = [p for p in ckpt_root.glob(f"{PREFIX}*") if (p / "trainer_state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
@@ -91,13 +101,26 @@ def resolve(resume_from: str, output_dir: Path) -> Path:
     return path
 
 
-def load(path: Path, accelerator, model: torch.nn.Module,
-         optimizer: torch.optim.Optimizer, fingerprint: str) -> dict[str, Any]:
-    """Restore weights, optimizer, scaler and this rank's RNG; return the loop state."""
+def load(path: Path, accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         fingerprint: str, plan: dict[str, Any]) -> dict[str, Any]:
+    """Restore weights, optimizer, scaler and this rank's RNG; return the loop state.
+
+    `plan` holds what fixes the lr schedule and the batches (total steps, world
+    size, batch size, ...): a run resumed under another plan would silently train
+    on a different schedule and data order, so it is refused.
+    """
     state = json.loads((path / "trainer_state.json").read_text())
     if state.get("fingerprint") != fingerprint:
         raise fail(f"checkpoint {path} belongs to another model or task",
                    "resume with the same --model and trainable settings as the original run")
+    saved = state.get("plan", {})
+    changed = [k for k in plan if k in saved and saved[k] != plan[k]]
+    if changed:
+        raise fail(f"checkpoint {path} was made by a run with "
+                   + ", ".join(f"{k}={saved[k]}" for k in changed) + "; this run has "
+                   + ", ".join(f"{k}={plan[k]}" for k in changed),
+                   "resume with the original run's settings, data and tokenizer (see its "
+                   "config.json) and number of processes")
     weights = torch.load(path / "model.pt", weights_only=True)
     unwrapped = accelerator.unwrap_model(model)
     params = dict(unwrapped.named_parameters())
@@ -107,13 +130,23 @@ def load(path: Path, accelerator, model: torch.nn.Module,
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    rng_file = path / f"rng_rank{accelerator.process_index}.pt"
-    if rng_file.is_file():  # absent when resuming on more ranks than saved
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    set_rng_state(torch.load(path / f"rng_rank{accelerator.process_index}.pt",
+                             weights_only=False))
     return state
+
+
+def data_fingerprint(rows) -> str:
+    """A hash of the tokenised training rows (ids and labels): a resumed run must see the
+    same data, tokenised the same way, for its skipped batches to be the ones done."""
+    digest = hashlib.sha256()
+    for row in rows:
+        for key in ("input_ids", "labels"):
+            digest.update(np.asarray(row.get(key, -1), dtype=np.int64).tobytes() + b"|")
+    return digest.hexdigest()[:16]
 
 
 def fingerprint(model: torch.nn.Module) -> str:
     """Names and shapes of the trainable weights: enough to refuse a foreign checkpoint."""
-    names = ";".join(f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters() if p.requires_grad)
+    names = ";".join(f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters()
+                     if p.requires_grad)
     return hashlib.sha256(names.encode()).hexdigest()[:16]

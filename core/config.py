@@ -181,19 +181,20 @@ def _as_flags(values: dict[str, Any]) -> list[str]:
                 argv += [f"--{flag(name)}", *map(str, item)]
         elif isinstance(value, list):
             argv += [f"--{flag(name)}", *map(str, value)]
-        else:
-            argv += [f"--{flag(name)}", str(value)]
+        else:  # `--lr=-1e-05`: a value starting with "-" must not be read as a flag
+            argv.append(f"--{flag(name)}={value}")
     return argv
 
 
-def parse_config(cls: type[C], argv: list[str] | None, description: str) -> C:
-    """Flags over config file over dataclass defaults, validated."""
+def parse_config(cls: type[C], argv: list[str] | None, description: str,
+                 presets: list[str] | None = None) -> C:
+    """Flags over config file over `presets` (e.g. --demo's) over dataclass defaults, validated."""
     parser = build_parser(cls, description)
     argv = list(sys.argv[1:] if argv is None else argv)
     pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        # Later flags win in argparse, so the file's settings go first.
-        argv = _as_flags(read_config_file(pre.config, cls)) + argv
+    file_flags = _as_flags(read_config_file(pre.config, cls)) if pre.config else []
+    # Later flags win in argparse, so presets go first, then the file's settings.
+    argv = list(presets or []) + file_flags + argv
     cfg = cls(**vars(parser.parse_args(argv)))
     cfg.validate()
     return cfg

@@ -1,8 +1,12 @@
 """Reading a split of rows, from the hub or a local file, with errors a user can act on."""
 
+import codecs
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import datasets
+import datasets.exceptions
 
 from core.errors import fail
 
@@ -27,8 +31,16 @@ def load_file(path: str) -> datasets.Dataset:
     if file.stat().st_size == 0:
         raise fail(f"data file is empty: {path}", "give a file with at least one row")
     try:
-        rows = datasets.load_dataset(builder, data_files=str(file), split="train", **options)
+        if builder != "parquet":
+            _check_utf8(file)  # the json reader would accept bad bytes and fail on first use
+        with _no_progress_bars():
+            rows = datasets.load_dataset(builder, data_files=str(file), split="train", **options)
     except Exception as err:  # the readers raise many types; all mean "cannot parse this file"
+        if "corresponds to no data" in str(err):  # what `datasets` says of a header-only file
+            raise fail(f"data file has no rows: {path}",
+                       "give a file with at least one row") from None
+        if isinstance(err, datasets.exceptions.DatasetGenerationError) and err.__context__:
+            err = err.__context__  # the wrapper says nothing; the reader's own error does
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if isinstance(err, UnicodeDecodeError) or "utf-8" in str(err).lower():
             reason = "it is not UTF-8 text"
@@ -37,6 +49,27 @@ def load_file(path: str) -> datasets.Dataset:
     if len(rows) == 0:
         raise fail(f"data file has no rows: {path}", "give a file with at least one row")
     return rows
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """A local file reads in seconds; its progress bars would only bury an error line."""
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _check_utf8(file: Path) -> None:
+    """Raise UnicodeDecodeError unless the whole file is UTF-8, reading it in 1 MiB pieces."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with file.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            decoder.decode(chunk)
+    decoder.decode(b"", final=True)
 
 
 def load_hub_split(name: str, split: str) -> datasets.Dataset:

@@ -25,4 +25,4 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         return main(argv)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "code", 2)  # a deliberate stop (core.loop.Stopped) sets its own

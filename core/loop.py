@@ -13,6 +13,17 @@ micro-batches, weights a token in a short batch more than one in a long batch.)
 
 A task plugs in through four members (see `Task`): what a unit is, how many a
 batch holds, the summed loss of a batch, and how to evaluate.
+
+Stopping and resuming
+---------------------
+SIGINT/SIGTERM on any rank make every rank checkpoint after the same step and exit
+with 128 + the signal's number; a non-finite loss or gradient norm stops the run
+before the step is applied (exit 1), keeping the last checkpoint, unless
+--skip-nonfinite. A checkpoint holds the weights, optimizer, counters, position in
+the epoch and every rank's RNG states, and the batch order is a pure function of
+(seed, epoch), so a resumed run repeats the uninterrupted one bit for bit on a
+deterministic device. It must keep the run's plan (total steps, batch layout,
+tokenised data): anything else would change the schedule or the batches.
 """
 
 import math
@@ -63,7 +74,11 @@ class Stopped(UsageError):
 
 
 class _StopRequest:
-    """SIGINT/SIGTERM ask the loop to checkpoint and leave at the next step boundary."""
+    """SIGINT/SIGTERM ask the loop to checkpoint and leave at the next step boundary.
+
+    A second signal is not deferred: it raises KeyboardInterrupt at once, for a user
+    who would rather lose the steps since the last checkpoint than wait.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -75,7 +90,12 @@ class _StopRequest:
                 pass
 
     def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
         self.signum = signum
+
+    def flag(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor([float(self.signum is not None)], dtype=torch.float64, device=device)
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -115,6 +135,11 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
     world, rank = accelerator.num_processes, accelerator.process_index
     micro_per_epoch, total_steps = plan_steps(len(data.rows), cfg, world)
     warmup = warmup_steps_for(total_steps, cfg.warmup_ratio, cfg.warmup_steps)
+    # What fixes the schedule and the batches: a resumed run must agree on all of it.
+    plan = {"total_steps": total_steps, "world_size": world, "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum, "seed": cfg.seed, "group_by_length": cfg.group_by_length,
+            "warmup_steps": warmup, "train_rows": len(data.rows),
+            "train_data": checkpoint.data_fingerprint(data.rows)}
 
     optimizer = build_adamw(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
                             cfg.adam_eps)
@@ -123,17 +148,20 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
     model, optimizer = accelerator.prepare(model, optimizer)
     fingerprint = checkpoint.fingerprint(accelerator.unwrap_model(model))
     params = [p for p in model.parameters() if p.requires_grad]
-    device = accelerator.device
+    device, ckpt_root = accelerator.device, out_dir / "checkpoints"
 
-    state = {"step": 0, "epoch": 0, "micro_done": 0, "samples": 0, "train_s": 0.0,
-             "loss_total": 0.0, "skipped": 0, "fingerprint": fingerprint}
+    state = {"step": 0, "epoch": 0, "micro_done": 0, "samples": 0, "tokens": 0, "units": 0,
+             "train_s": 0.0,
+             "logged_s": 0.0, "loss_total": 0.0, "skipped": 0, "fingerprint": fingerprint,
+             "plan": plan}
     if cfg.resume_from:
         state = checkpoint.load(checkpoint.resolve(cfg.resume_from, out_dir), accelerator,
-                                model, optimizer, fingerprint)
+                                model, optimizer, fingerprint, plan)
     log = RunLog(out_dir / "train_log.jsonl", total_steps, accelerator.is_main_process,
                  state["step"])
     log.print(f"{total_steps} optimizer steps ({micro_per_epoch} micro-batches/epoch/device, "
-              f"{world} device(s), accumulation {cfg.grad_accum}, warmup {warmup})")
+              f"{world} device(s), accumulation {cfg.grad_accum}, warmup {warmup})"
+              + (f", resumed at step {state['step']}" if state["step"] else ""))
     timer, stop, pending = Timer(state["train_s"]), _StopRequest(), []
     last_eval: dict[str, Any] | None = None
     model.train()
@@ -146,120 +174,152 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
             with timer:
                 batches = [{k: v.to(device, non_blocking=True) for k, v in
                             data.collate([data.rows[i] for i in idx]).items()} for idx in window]
-                # counts = [units, examples, real tokens, padded tokens], summed over ranks.
-                counts = accelerator.reduce(torch.stack([_counts(task, b) for b in batches])
-                                            .sum(0), reduction="sum")
+                # One all-reduce before any forward pass gives every rank the window's
+                # [units, examples, real tokens, padded tokens] and whether any rank was
+                # signalled, so all ranks stop after the same step.
+                counts = accelerator.reduce(torch.cat([
+                    torch.stack([_counts(task, b) for b in batches]).sum(0), stop.flag(device)]),
+                    reduction="sum")
                 n_units = counts[0].clamp(min=1)
-                lr = set_lr(optimizer, cfg.lr, lr_factor(step, warmup, total_steps))
+                lr = set_lr(optimizer, cfg.lr, lr_factor(step, warmup, total_steps))  # schedule
                 loss_sum = torch.zeros((), device=device)
                 for i, batch in enumerate(batches):
                     # Gradients are all-reduced only after the window's last micro-batch.
                     last = i == len(batches) - 1
                     with nullcontext() if last else accelerator.no_sync(model):
-                        loss = task.loss_sum(model, batch)                  # forward
+                        loss = task.loss_sum(model, batch)                  # forward + loss
                         # DDP averages over ranks; times `world` turns that into a sum.
                         accelerator.backward(loss * world / n_units)        # backward
                     loss_sum += loss.detach()
                 grad_norm = accelerator.clip_grad_norm_(                    # clip
                     params, cfg.max_grad_norm or float("inf"))
                 step_loss = accelerator.reduce(loss_sum, reduction="sum") / n_units
-                if _finite_or_skip(step_loss, grad_norm, cfg, accelerator, step, state):
-                    optimizer.step()                                        # update
+                # Loss and norm are global, so every rank takes the same decision.
+                finite = _finite(step_loss, grad_norm, cfg)
+                applied = finite and _optimizer_step(optimizer, accelerator)  # update
                 optimizer.zero_grad(set_to_none=True)                       # reset
-            state["step"] = step + 1
-            if done == micro_per_epoch:
-                state.update(epoch=epoch + 1, micro_done=0)
-            else:
-                state.update(epoch=epoch, micro_done=done)
-            pending.append((step + 1, epoch + done / micro_per_epoch, step_loss, lr, grad_norm,
-                            counts))
+
+            state["step"], state["skipped"] = step + 1, state["skipped"] + (not applied)
+            state["epoch"], state["micro_done"] = ((epoch + 1, 0) if done == micro_per_epoch
+                                                   else (epoch, done))
+            pending.append({"step": step + 1, "epoch": epoch + done / micro_per_epoch,
+                            "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                            "counts": counts, "applied": applied, "skipped": state["skipped"]})
+            if not finite and not cfg.skip_nonfinite:
+                _flush(pending, log, state, timer)  # the bad step's record helps diagnose it
+                raise _nonfinite_error(step + 1, step_loss, grad_norm, ckpt_root, out_dir)
 
             finished = state["step"] == total_steps
+            stopping = bool(counts[-1])  # a signal on any rank: checkpoint and leave
             eval_now = (finished or (cfg.eval_every and state["step"] % cfg.eval_every == 0)
                         or (not cfg.eval_every and done == micro_per_epoch))
-            save_now = cfg.save_every and state["step"] % cfg.save_every == 0
-            if len(pending) >= cfg.log_every or eval_now or save_now or finished:
+            save_now = (finished or stopping
+                        or (cfg.save_every and state["step"] % cfg.save_every == 0))
+            if len(pending) >= cfg.log_every or eval_now or save_now:
                 _flush(pending, log, state, timer)
                 pending = []
-                stopping = _stop_requested(stop, accelerator)
-                if stopping and not save_now:
-                    save_now = True
-            else:
-                stopping = False
             if eval_now:
-                model.eval()
-                last_eval = task.evaluate(accelerator.unwrap_model(model))
-                model.train()
-                log.eval({"step": state["step"], "epoch": round(state["epoch"] + state["micro_done"]
-                          / micro_per_epoch, 4), **_scalars(last_eval)})
+                last_eval = _evaluate(model, task, accelerator, log, state, micro_per_epoch)
             if save_now:
                 state["train_s"] = timer.elapsed
-                path = checkpoint.save(out_dir / "checkpoints", state["step"], accelerator, model,
-                                       optimizer, state, cfg.keep_checkpoints)
+                path = checkpoint.save(ckpt_root, state["step"], accelerator, model, optimizer,
+                                       state, cfg.keep_checkpoints)
                 log.print(f"checkpoint saved: {path}")
-                if stopping:
-                    raise Stopped(f"interrupted at step {state['step']}; checkpoint saved to {path} "
-                                  f"— continue with --resume-from latest --output-dir {out_dir}",
-                                  code=128 + stop.signum)
+                if stopping and not finished:
+                    raise Stopped(f"interrupted at step {state['step']} of {total_steps}; "
+                                  f"checkpoint saved to {path} — continue with the same "
+                                  f"command and --resume-from latest --output-dir {out_dir}",
+                                  code=128 + (stop.signum or signal.SIGTERM))
+        if last_eval is None:  # resumed from the final checkpoint: nothing left but to score
+            last_eval = _evaluate(model, task, accelerator, log, state, micro_per_epoch)
     finally:
         log.close()
         stop.restore()
 
-    steps_run = max(1, state["step"])
+    applied_steps = max(1, state["step"] - state["skipped"])
     return {"eval": last_eval, "steps": state["step"], "train_s": timer.elapsed,
             "train_samples_per_s": state["samples"] / max(timer.elapsed, 1e-9),
-            "train_loss": state["loss_total"] / steps_run, "skipped_steps": state["skipped"],
+            "train_tokens_per_s": state["tokens"] / max(timer.elapsed, 1e-9),
+            "train_units_per_s": state["units"] / max(timer.elapsed, 1e-9),
+            "train_loss": state["loss_total"] / applied_steps, "skipped_steps": state["skipped"],
             "total_steps": total_steps}
 
 
 def _counts(task: Task, batch: Batch) -> torch.Tensor:
-    mask = batch.get("attention_mask")
-    real = mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())
-    return torch.stack([task.count(batch), torch.tensor(len(batch["input_ids"])), real,
-                        torch.tensor(batch["input_ids"].numel())]).to(real.device, torch.float64)
+    """[units, examples, real tokens, padded tokens] of a micro-batch, on its device."""
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    parts = [task.count(batch), len(ids), mask.sum() if mask is not None else ids.numel(),
+             ids.numel()]
+    return torch.stack([torch.as_tensor(x, device=ids.device).to(torch.float64) for x in parts])
 
 
-def _finite_or_skip(loss: torch.Tensor, grad_norm: torch.Tensor, cfg: TrainConfig, accelerator,
-                    step: int, state: dict[str, Any]) -> bool:
-    """Whether to apply this step. A non-finite loss or gradient stops the run unless skipped.
+def _finite(loss: torch.Tensor, grad_norm: torch.Tensor, cfg: TrainConfig) -> bool:
+    """Whether this step's loss and gradient norm are finite (one device sync).
 
-    With fp16 the gradient scaler already skips overflowing steps (and lowers its
-    scale), so only bf16/fp32 runs are checked here. The check costs one device sync.
+    With fp16 the gradient scaler already skips overflowing steps, so only bf16/fp32
+    runs are checked here.
     """
-    if cfg.mixed_precision == "fp16" or bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
-        return True
-    if cfg.skip_nonfinite:
-        state["skipped"] += 1
-        return False
-    raise Stopped(f"non-finite loss or gradient norm at step {step + 1} (loss {float(loss)}, "
-                  f"grad norm {float(grad_norm)}) — lower --lr, check the data, or pass "
-                  f"--skip-nonfinite; the last checkpoint is kept", code=1)
+    return cfg.mixed_precision == "fp16" or bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
 
 
-def _flush(pending: list, log: RunLog, state: dict[str, Any], timer: Timer) -> None:
-    """Read the buffered step figures back from the device (one sync) and log them."""
-    elapsed = max(timer.elapsed - state.get("logged_s", state["train_s"]), 1e-9)
-    steps = len(pending)
-    for step, epoch, loss, lr, grad_norm, counts in pending:
-        units, examples, real, padded = counts.tolist()
-        loss = float(loss)
-        state["loss_total"] += loss
+def _optimizer_step(optimizer, accelerator) -> bool:
+    """Step; False when fp16's gradient scaler skipped the update for an overflow.
+
+    The scaler lowers its scale exactly when it skips. (Accelerate's step_was_skipped
+    misses skips a fused optimizer makes inside its kernel, as ours does.)
+    """
+    scaler = accelerator.scaler
+    before = scaler.get_scale() if scaler is not None else None
+    optimizer.step()
+    return scaler is None or scaler.get_scale() >= before
+
+
+def _nonfinite_error(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, ckpt_root: Path,
+                     out_dir: Path) -> Stopped:
+    saved = checkpoint.complete_checkpoints(ckpt_root)
+    kept = (f"the last good checkpoint, {saved[-1]}, is kept (the same command and "
+            f"--resume-from latest --output-dir {out_dir} continue from it)" if saved
+            else "no checkpoint was saved")
+    return Stopped(f"non-finite loss or gradient norm at step {step} (loss {float(loss)}, "
+                   f"grad norm {float(grad_norm)}); the step was not applied and {kept} — lower "
+                   f"--lr, check the data, or pass --skip-nonfinite to skip such steps", code=1)
+
+
+def _evaluate(model, task: Task, accelerator, log: RunLog, state: dict[str, Any],
+              micro_per_epoch: int) -> dict[str, Any]:
+    model.eval()
+    metrics = task.evaluate(accelerator.unwrap_model(model))
+    model.train()
+    log.eval({"step": state["step"],
+              "epoch": round(state["epoch"] + state["micro_done"] / micro_per_epoch, 4),
+              **_scalars(metrics)})
+    return metrics
+
+
+def _flush(pending: list[dict], log: RunLog, state: dict[str, Any], timer: Timer) -> None:
+    """Read the buffered step figures back from the device (one sync) and log them.
+
+    The device runs ahead of Python, so one step's time is not observable without a
+    sync per step; throughput is averaged over the steps flushed together.
+    """
+    if not pending:
+        return
+    with timer:  # waiting here for the queued steps to finish is training time too
+        figures = [(p, float(p["loss"]), float(p["grad_norm"]), p["counts"].tolist())
+                   for p in pending]
+    per_step = max(timer.elapsed - state["logged_s"], 1e-9) / len(pending)
+    for p, loss, grad_norm, counts in figures:
+        units, examples, real, padded = counts[:4]
+        if p["applied"]:  # a skipped step's loss is not finite: keep it out of the mean
+            state["loss_total"] += loss
         state["samples"] += examples
-        log.step({"step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
-                  "grad_norm": float(grad_norm), "samples_per_s": examples * steps / elapsed,
-                  "tokens_per_s": real * steps / elapsed, "units": int(units),
-                  "padding": 1 - real / padded, "skipped": state["skipped"]})
+        state["tokens"] += real
+        state["units"] += units
+        log.step({"step": p["step"], "epoch": round(p["epoch"], 4), "loss": loss, "lr": p["lr"],
+                  "grad_norm": grad_norm, "samples_per_s": examples / per_step,
+                  "tokens_per_s": real / per_step, "units": int(units),
+                  "padding": 1 - real / padded, "skipped": p["skipped"]})
     state["logged_s"] = timer.elapsed
-
-
-def _stop_requested(stop: _StopRequest, accelerator) -> bool:
-    """A signal seen by any rank stops all of them at the same step."""
-    flag = torch.tensor(float(stop.signum is not None), device=accelerator.device)
-    if accelerator.num_processes > 1:
-        flag = accelerator.reduce(flag, reduction="sum")
-    if flag.item() and stop.signum is None:
-        stop.signum = signal.SIGTERM
-    return bool(flag.item())
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -32,8 +32,7 @@ class RunLog:
         """On resume, drop records the interrupted run wrote after its last checkpoint."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line and json.loads(line)["step"] <= step]
+        kept = [line for line in self.path.read_text().splitlines() if _step(line) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -51,14 +50,22 @@ class RunLog:
         self.write({"type": "eval", **record})
         if self.enabled:
             shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float)}
-            self.console.print(f"eval @ step {record['step']}: {shown}")
+            self.console.print(f"eval @ step {record['step']}: {shown}", soft_wrap=True)
 
     def print(self, text: str) -> None:
-        if self.enabled:
-            self.console.print(text)
+        if self.enabled:  # unwrapped: a path cut in two cannot be copied or grepped
+            self.console.print(text, soft_wrap=True)
 
     def close(self) -> None:
         self.progress.stop()
+
+
+def _step(line: str) -> float:
+    """A record's step; a line cut short by a killed process counts as past the end."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class Timer:

@@ -1,0 +1,765 @@
+"""rawtune against HF `Trainer`: same model, data, hyperparameters and optimizer steps.
+
+    python -m bench                                   # every workload whose assets are here
+    python -m bench --workloads cls-short --steps 20 --repeats 2
+
+Each side of each workload runs in a fresh subprocess (`python -m bench.run --child
+SPEC`), so its peak memory is its own, and the sides alternate (rawtune, Trainer,
+rawtune, Trainer, ...) so that drift in the machine's load hits both alike.
+
+What is timed, on both sides alike: the wall clock of the training call — rawtune's
+`core.loop.train` (minus the time its end-of-run evaluation takes) and `Trainer.train()`
+(run with no evaluation) — each including its own setup (optimizer, accelerator
+preparation, data loader). Samples and tokens are counted by a forward pre-hook on the
+model during training, so both sides count exactly the batches they trained on.
+Evaluation afterwards is untimed; accuracy and losses come from each side's model.
+
+The rawtune side runs the real pipeline: `train_cls.main([...flags])` for
+classification, `core.loop.train` with `tasks.instruct`'s task for LoRA.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+DEMO_DATA = ROOT / "core" / "demo_data"
+SIDES = ("rawtune", "trainer")
+SIDE_NAMES = {"rawtune": "rawtune", "trainer": "HF Trainer"}
+
+# Every workload: what it trains, on what, with which hyperparameters (both sides).
+WORKLOADS = {
+    "cls-short": dict(kind="cls", gpu=False, model="minilm", data="sst2", n_train=4000,
+                      lr=2e-5, batch_size=16, epochs=1, max_length=512, weight_decay=0.01),
+    "cls-long": dict(kind="cls", gpu=False, model="minilm", data="long", lr=2e-5,
+                     batch_size=16, epochs=1, max_length=512, weight_decay=0.01),
+    "lora": dict(kind="lm", gpu=False, model="llama-small", data="alpaca", lr=2e-4,
+                 batch_size=8, epochs=1, max_length=512, weight_decay=0.0),
+    "gpu-distilbert": dict(kind="cls", gpu=True, model="distilbert-base", data="long", lr=2e-5,
+                           batch_size=16, epochs=4, max_length=512, weight_decay=0.01,
+                           mixed_precision="bf16"),
+    "gpu-openllama-3b": dict(kind="lm", gpu=True, model="openllama-3b", data="alpaca", lr=2e-4,
+                             batch_size=8, epochs=1, max_length=512, weight_decay=0.0,
+                             mixed_precision="bf16"),
+}
+SEED = 42
+EVAL_BATCH = 64
+# train_lora.py's defaults (alpha 2r, every projection), pinned here for both sides.
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                            "down_proj"])
+WARMUP_RATIO_LM = 0.03  # train_lora.py's default, given to both sides as a step count
+LLAMA_SMALL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=4)
+OPENLLAMA_3B = dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26,
+                    num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+class Skip(Exception):
+    """A workload that cannot run here; the message says why."""
+
+
+# ---------------------------------------------------------------- data, shared by both sides
+
+def read_sst2(path: Path) -> list[dict]:
+    """GLUE SST-2: one tab per line, no quoting, text stripped."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for line in lines[1:]:
+        text, label = line.rsplit("\t", 1)
+        rows.append({"text": text.strip(), "label": int(label)})
+    return rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def prepare(name: str, spec: dict, args, work: Path, on_gpu: bool) -> dict:
+    """Files both sides read: data, tokenizer, model directory. Raises Skip when absent."""
+    if spec["gpu"] and not on_gpu:
+        raise Skip("needs CUDA, none here")
+    wdir = work / name
+    wdir.mkdir(parents=True, exist_ok=True)
+    job = {**spec, "workload": name, "steps": args.steps, "peak_tflops": args.peak_tflops}
+    minilm = SHARED / "models" / "all-MiniLM-L6-v2"
+
+    if spec["kind"] == "cls":
+        if spec["data"] == "sst2":
+            train_tsv, dev_tsv = SHARED / "data/sst2/train.tsv", SHARED / "data/sst2/dev.tsv"
+            if not (train_tsv.exists() and dev_tsv.exists()):
+                raise Skip(f"SST-2 not found at {train_tsv.parent}")
+            rows = read_sst2(train_tsv)
+            random.Random(0).shuffle(rows)
+            train, dev = rows[:spec["n_train"]], read_sst2(dev_tsv)
+        else:
+            path = Path(args.long_file)
+            if not path.exists():
+                raise Skip(f"long-text file not found: {path}")
+            rows = read_jsonl(path)
+            n_eval = min(100, len(rows) // 6)
+            train, dev = rows[:len(rows) - n_eval], rows[len(rows) - n_eval:]
+        job["train_file"] = write_jsonl(wdir / "train.jsonl", train)
+        job["eval_file"] = write_jsonl(wdir / "eval.jsonl", dev)
+        job["n_train"], job["n_eval"] = len(train), len(dev)
+        if spec["model"] == "minilm":
+            if not minilm.exists():
+                raise Skip(f"model not found: {minilm}")
+            job["model_dir"] = str(minilm)
+        else:  # DistilBERT-base architecture, random weights, BERT-uncased vocabulary
+            job["model_dir"] = str(save_distilbert(wdir / "model", minilm, train))
+        return job
+
+    # Causal LM with LoRA: both sides read the same rows, tokenizer and base weights.
+    path = Path(args.alpaca_file)
+    if path.exists():
+        rows = read_jsonl(path)
+        job["data_note"] = f"Alpaca rows from {path.name}"
+    elif spec["gpu"]:
+        # The device machine has no ../shared: long reviews written as instruction data.
+        rows = [{"instruction": "Write a movie review.", "input": "", "output": r["text"]}
+                for r in read_jsonl(Path(args.long_file))]
+        job["data_note"] = "no Alpaca here: long reviews (core/demo_data) as instruction data"
+    else:
+        raise Skip(f"Alpaca rows not found: {path}")
+    # Rows with an empty answer teach nothing; train_lora refuses them, so both sides drop them.
+    rows = [r for r in rows if str(r.get("output") or "").strip()]
+    random.Random(0).shuffle(rows)
+    n_eval = min(200, len(rows) // 10)
+    train, dev = rows[:len(rows) - n_eval], rows[len(rows) - n_eval:]
+    job["train_file"] = write_jsonl(wdir / "train.jsonl", train)
+    job["eval_file"] = write_jsonl(wdir / "eval.jsonl", dev)
+    job["n_train"], job["n_eval"] = len(train), len(dev)
+    total = args.steps or math.ceil(len(train) / spec["batch_size"]) * spec["epochs"]
+    job["warmup_steps"] = math.ceil(total * WARMUP_RATIO_LM)
+    job["model_dir"] = str(save_llama(wdir / "model", spec, train, on_gpu))
+    return job
+
+
+def save_llama(out: Path, spec: dict, train: list[dict], on_gpu: bool) -> Path:
+    """A Llama from its config, seeded random weights, and a BPE tokenizer trained on the rows."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from core.demo import bpe_tokenizer
+    from tasks.instruct import ALPACA_WITH_INPUT
+    texts = [ALPACA_WITH_INPUT] + [t for r in train for t in r.values() if isinstance(t, str) and t]
+    tokenizer = bpe_tokenizer(texts, vocab_size=8000, max_length=spec["max_length"])
+    shape = LLAMA_SMALL if spec["model"] == "llama-small" else OPENLLAMA_3B
+    config = LlamaConfig(**{"vocab_size": len(tokenizer), **shape},
+                         max_position_embeddings=max(spec["max_length"], 2048),
+                         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    # bf16 where the sides will train on a bf16 base (train_lora.base_dtype), else fp32.
+    dtype = torch.bfloat16 if on_gpu and spec.get("mixed_precision") == "bf16" else torch.float32
+    with torch.device("cuda" if on_gpu else "cpu"):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    del model
+    if on_gpu:
+        torch.cuda.empty_cache()  # the children need the memory, not this parent
+    return out
+
+
+def save_distilbert(out: Path, minilm: Path, train: list[dict]) -> Path:
+    import torch
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+    if minilm.exists():
+        tokenizer = AutoTokenizer.from_pretrained(minilm)   # the BERT-uncased vocabulary
+    else:
+        from core.demo import wordpiece_tokenizer
+        tokenizer = wordpiece_tokenizer([r["text"] for r in train], vocab_size=30522,
+                                        max_length=512)
+    torch.manual_seed(0)
+    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=30522, num_labels=2))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------- the child: one side, one run
+
+class Meter:
+    """Counts what the model is fed while training, from a forward pre-hook.
+
+    Per example of length s it adds the model FLOPs of a training step:
+    `c * N * s` for the matrix products (N = weights of Linear layers; c = 6 when
+    every weight trains, 4 + 2 * trainable share with LoRA, whose frozen weights get
+    no weight gradient) plus `12 * layers * width * s**2` for attention (PaLM's count).
+    """
+
+    def __init__(self, model, lm: bool):
+        import torch
+        linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        n_lin = sum(m.weight.numel() for m in linear)
+        n_lin_trainable = sum(m.weight.numel() for m in linear if m.weight.requires_grad)
+        cfg = model.config
+        self.layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layers")
+        self.width = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim")
+        self.flops_per_token = (4 * n_lin + 2 * n_lin_trainable)
+        self.lm = lm
+        self.active = True
+        self.totals = dict(examples=0, tokens=0, padded_tokens=0, target_tokens=0, flops=0.0)
+        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        if not (self.active and module.training):
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        lengths = mask.sum(1) if mask is not None else \
+            ids.new_full((ids.shape[0],), ids.shape[1])
+        t = self.totals
+        t["examples"] += ids.shape[0]
+        t["tokens"] += int(lengths.sum())
+        t["padded_tokens"] += ids.numel()
+        labels = kwargs.get("labels")
+        if self.lm and labels is not None:
+            t["target_tokens"] += int((labels[:, 1:] != -100).sum())
+        s = lengths.double()
+        t["flops"] += float((self.flops_per_token * s
+                             + 12 * self.layers * self.width * s * s).sum())
+
+
+    def add_targets(self, n: int) -> None:
+        if self.active:
+            self.totals["target_tokens"] += n
+
+
+class Measure:
+    """Wall clock and peak memory of the training call alone.
+
+    Evaluation inside it (rawtune's end-of-run evaluation) is paused out: its time is
+    subtracted, and the memory peak is read before it and reset after it. On CPU the
+    peak is the RSS high-water mark (VmHWM, reset through /proc/self/clear_refs); on
+    CUDA, torch.cuda.max_memory_allocated.
+    """
+
+    def __init__(self, model, lm: bool):
+        import torch
+        self.torch, self.cuda = torch, torch.cuda.is_available()
+        self.meter = Meter(model, lm)
+        self.paused_s, self.ckpt_s, self.peaks = 0.0, 0.0, []
+
+    def _sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def _reset_peak(self):
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+    def _read_peak(self):
+        self.peaks.append(peak_memory_mb())
+
+    def start(self):
+        self._reset_peak()
+        self._sync()
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        self._sync()
+        self.wall = time.perf_counter() - self.t0 - self.paused_s
+        self.meter.active = False
+        self._read_peak()
+        return self.wall
+
+    def pausing(self, fn):
+        """`fn` (an evaluation) run with the clock, the counters and the memory peak paused."""
+        def paused(*args, **kwargs):
+            self._sync()
+            start = time.perf_counter()
+            self._read_peak()
+            self.meter.active = False
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.meter.active = True
+                self._sync()
+                self._reset_peak()
+                self.paused_s += time.perf_counter() - start
+        return paused
+
+    def checkpointing(self, fn):
+        """`fn` (a checkpoint save) timed, still inside the clock: reported apart as ckpt_s."""
+        def timed(*args, **kwargs):
+            self._sync()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._sync()
+                self.ckpt_s += time.perf_counter() - start
+        return timed
+
+    def figures(self) -> dict:
+        out = {k: max(p.get(k, 0) for p in self.peaks) for k in self.peaks[0]}
+        return {**out, "paused_s": self.paused_s, "ckpt_s": self.ckpt_s}
+
+
+def peak_memory_mb() -> dict:
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                out["peak_rss_mb"] = int(line.split()[1]) / 1024
+    except OSError:
+        import resource
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import torch
+    if torch.cuda.is_available():
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def child(spec_path: str) -> int:
+    job = json.loads(Path(spec_path).read_text())
+    run_fn = {("cls", "rawtune"): rawtune_cls, ("cls", "trainer"): trainer_cls,
+              ("lm", "rawtune"): rawtune_lm, ("lm", "trainer"): trainer_lm}
+    run_fn = run_fn[job["kind"], job["side"]]
+    try:
+        result = run_fn(job)
+    except Skip as why:
+        result = {"skipped": str(why)}
+    result["process_peak_rss_mb"] = peak_memory_mb()["peak_rss_mb"]
+    Path(job["result"]).write_text(json.dumps(result))
+    return 0
+
+
+def _finish(measure: Measure, **figures) -> dict:
+    meter, train_s = measure.meter, measure.wall
+    t = meter.totals
+    meter.handle.remove()
+    out = {"train_s": train_s, **t, **measure.figures(),
+           "samples_per_s": t["examples"] / train_s,
+           "tokens_per_s": t["tokens"] / train_s,
+           "tflops": t["flops"] / train_s / 1e12,
+           "padding": 1 - t["tokens"] / max(t["padded_tokens"], 1),
+           "samples_per_s_no_ckpt": t["examples"] / max(train_s - measure.ckpt_s, 1e-9),
+           **figures}
+    if meter.lm:
+        out["target_tokens_per_s"] = t["target_tokens"] / train_s
+    return out
+
+
+def _timed(real_train, measures: list, lm: bool):
+    """core.loop.train as the script calls it, timed and metered; one Measure per call."""
+    import core.checkpoint
+    def timed_train(model, task, data, cfg, accelerator, out_dir):
+        measure = Measure(model, lm)
+        measures.append(measure)
+        if lm:
+            count = task.count
+
+            def counting(batch):
+                n = count(batch)
+                measure.meter.add_targets(int(n))
+                return n
+            task.count = counting
+        task.evaluate = measure.pausing(task.evaluate)
+        save = core.checkpoint.save
+        core.checkpoint.save = measure.checkpointing(save)
+        measure.start()
+        try:
+            result = real_train(model, task, data, cfg, accelerator, out_dir)
+        finally:
+            core.checkpoint.save = save
+        measure.stop()
+        return result
+    return timed_train
+
+
+def common_flags(job: dict) -> list[str]:
+    argv = ["--train-file", job["train_file"], "--eval-file", job["eval_file"],
+            "--model", job["model_dir"], "--max-length", str(job["max_length"]),
+            "--lr", str(job["lr"]), "--batch-size", str(job["batch_size"]),
+            "--eval-batch-size", str(EVAL_BATCH), "--epochs", str(job["epochs"]),
+            "--weight-decay", str(job["weight_decay"]),
+            "--warmup-steps", str(job.get("warmup_steps", 0)), "--seed", str(SEED),
+            "--output-dir", job["out_dir"], "--overwrite",
+            "--mixed-precision", job.get("mixed_precision", "no")]
+    if job["steps"]:
+        argv += ["--max-steps", str(job["steps"])]
+    return argv + job["extra"]
+
+
+def rawtune_cls(job: dict) -> dict:
+    """train_cls.main with flags, as a user runs it; its core.loop.train call is timed."""
+    import core.loop
+    import train_cls
+    measures = []
+    train_cls.train = _timed(core.loop.train, measures, lm=False)
+    argv = common_flags(job) + ["--text-column", "text", "--label-column", "label"]
+    if train_cls.main(argv) != 0:
+        raise RuntimeError("train_cls.main failed")
+    metrics = json.loads((Path(job["out_dir"]) / "metrics.json").read_text())
+    return _finish(measures[0], steps=metrics["steps"], train_loss=metrics["train_loss"],
+                   eval_loss=metrics["loss"], accuracy=metrics["accuracy"],
+                   own_samples_per_s=metrics["train_samples_per_s"])
+
+
+def rawtune_lm(job: dict) -> dict:
+    """train_lora.main with flags (one rank, r=16); its core.loop.train call is timed."""
+    try:
+        import train_lora
+    except ImportError as err:
+        raise Skip(f"train_lora / tasks.instruct not importable ({err})") from None
+    import core.loop
+    measures = []
+    train_lora.train = _timed(core.loop.train, measures, lm=True)
+    argv = common_flags(job) + [
+        "--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["lora_alpha"]),
+        "--lora-dropout", str(LORA["lora_dropout"]), "--target-modules", *LORA["target_modules"]]
+    if train_lora.main(argv) != 0:
+        raise RuntimeError("train_lora.main failed")
+    metrics = json.loads((Path(job["out_dir"]) / f"r{LORA['r']}" / "metrics.json").read_text())
+    return _finish(measures[0], steps=metrics["steps"], train_loss=metrics["train_loss"],
+                   eval_loss=metrics["eval_loss"],
+                   own_samples_per_s=metrics["train_samples_per_s"])
+
+
+def _value(text: str):
+    """A command-line value: JSON where it parses (numbers, true/false, lists), else the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _trainer_args(job: dict, **kw):
+    """Trainer's defaults, with the hyperparameters the rawtune side gets."""
+    from transformers import TrainingArguments
+    extra = {}
+    for item in job["extra"]:
+        key, value = item.split("=", 1)
+        extra[key] = _value(value)
+    return TrainingArguments(
+        output_dir=job["out_dir"], learning_rate=job["lr"],
+        per_device_train_batch_size=job["batch_size"], per_device_eval_batch_size=EVAL_BATCH,
+        num_train_epochs=job["epochs"], max_steps=job["steps"] or -1,
+        weight_decay=job["weight_decay"], warmup_steps=job.get("warmup_steps", 0),
+        max_grad_norm=1.0, seed=SEED, bf16=job.get("mixed_precision") == "bf16",
+        report_to="none", disable_tqdm=True, **kw, **extra)
+
+
+def _train_peer(trainer, model, lm: bool):
+    measure = Measure(model, lm)
+    trainer._save_checkpoint = measure.checkpointing(trainer._save_checkpoint)
+    measure.start()
+    output = trainer.train()
+    measure.stop()
+    return measure, output
+
+
+def trainer_cls(job: dict) -> dict:
+    """The peer as users set it up: Trainer defaults, DataCollatorWithPadding, same settings."""
+    import datasets
+    import numpy as np
+    import torch
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
+                              DataCollatorWithPadding, Trainer)
+    tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
+    model = AutoModelForSequenceClassification.from_pretrained(job["model_dir"], num_labels=2)
+
+    def encode(batch):
+        return tokenizer(batch["text"], truncation=True, max_length=job["max_length"])
+
+    train = datasets.Dataset.from_list(read_jsonl(Path(job["train_file"])))
+    dev = datasets.Dataset.from_list(read_jsonl(Path(job["eval_file"])))
+    train = train.map(encode, batched=True, remove_columns=["text"])
+    dev = dev.map(encode, batched=True, remove_columns=["text"])
+    trainer = Trainer(model=model, args=_trainer_args(job), train_dataset=train,
+                      data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
+    measure, output = _train_peer(trainer, model, lm=False)
+    pred = trainer.predict(dev)
+    logits = torch.tensor(pred.predictions).float()
+    labels = torch.tensor(pred.label_ids)
+    return _finish(measure, steps=output.global_step, train_loss=output.training_loss,
+                   eval_loss=float(torch.nn.functional.cross_entropy(logits, labels)),
+                   accuracy=float(np.mean(logits.argmax(-1).numpy() == labels.numpy())),
+                   own_samples_per_s=output.metrics["train_samples_per_second"])
+
+
+def trainer_lm(job: dict) -> dict:
+    """The peer: Trainer + peft get_peft_model, DataCollatorForSeq2Seq padding labels with -100.
+
+    Rows are rendered and tokenised with tasks.instruct (Alpaca template, prompt masked),
+    so both sides train on identical ids; the base loads in the dtype train_lora picks.
+    """
+    import datasets
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq,
+                              Trainer)
+    from transformers.trainer_utils import set_seed
+
+    from eval.lm import evaluate_lm
+    from tasks.instruct import encode, prompt_template
+
+    tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
+    template = prompt_template("alpaca")
+
+    def rows(path: str, where: str) -> list[dict]:
+        examples = [{"instruction": r.get("instruction") or "", "input": r.get("input") or "",
+                     "output": r["output"]} for r in read_jsonl(Path(path))]
+        return encode(examples, template, tokenizer, job["max_length"], where).rows
+
+    train_rows, eval_rows = rows(job["train_file"], "train"), rows(job["eval_file"], "eval")
+    bf16 = torch.cuda.is_available() and job.get("mixed_precision") == "bf16"
+    set_seed(SEED)
+    base = AutoModelForCausalLM.from_pretrained(
+        job["model_dir"], dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    train = datasets.Dataset.from_list(
+        [{**r, "attention_mask": [1] * len(r["input_ids"])} for r in train_rows])
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    trainer = Trainer(model=model, args=_trainer_args(job), train_dataset=train,
+                      data_collator=collator, processing_class=tokenizer)
+    measure, output = _train_peer(trainer, model, lm=True)
+    model.eval()
+    from core.collate import pad_batch
+    scores = evaluate_lm(model, eval_rows, lambda b: pad_batch(b, tokenizer.pad_token_id),
+                         EVAL_BATCH, trainer.accelerator)
+    return _finish(measure, steps=output.global_step, train_loss=output.training_loss,
+                   eval_loss=scores["loss"],
+                   own_samples_per_s=output.metrics["train_samples_per_second"])
+
+
+# ---------------------------------------------------------------- the parent: alternate, report
+
+def run_side(job: dict, side: str, extra: list[str], work: Path, tag: str) -> dict:
+    spec = {**job, "side": side, "extra": extra, "out_dir": str(work / f"{tag}-out"),
+            "result": str(work / f"{tag}-result.json")}
+    spec_path = work / f"{tag}-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    log_path = work / f"{tag}.log"
+    start = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.run([sys.executable, "-m", "bench.run", "--child", str(spec_path)],
+                              cwd=ROOT, env={**os.environ, **ENV}, stdout=log,
+                              stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not Path(spec["result"]).exists():
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
+        return {"error": f"exit {proc.returncode}", "log_tail": tail}
+    result = json.loads(Path(spec["result"]).read_text())
+    result["process_s"] = time.perf_counter() - start
+    return result
+
+
+def summarise(runs: dict[str, list[dict]], on_gpu: bool, peak_tflops: float) -> dict:
+    summary = {}
+    for side, results in runs.items():
+        ok = [r for r in results if "samples_per_s" in r]
+        if not ok:
+            continue
+        med = {k: statistics.median(r[k] for r in ok) for k in
+               ("samples_per_s", "tokens_per_s", "tflops", "train_s", "ckpt_s",
+                "samples_per_s_no_ckpt")}
+        if "target_tokens_per_s" in ok[0]:
+            med["target_tokens_per_s"] = statistics.median(r["target_tokens_per_s"] for r in ok)
+        last = ok[-1]
+        summary[side] = {**med, "n": len(ok),
+                         "samples_per_s_all": [round(r["samples_per_s"], 2) for r in ok],
+                         "peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
+                         "cuda_peak_mb": max((r.get("cuda_peak_mb", 0) for r in ok), default=0),
+                         "steps": last["steps"], "examples": last["examples"],
+                         "train_loss": last["train_loss"], "eval_loss": last["eval_loss"],
+                         "accuracy": last.get("accuracy"), "padding": last["padding"],
+                         "own_samples_per_s": statistics.median(r["own_samples_per_s"]
+                                                                for r in ok)}
+        if on_gpu:
+            summary[side]["mfu"] = med["tflops"] / peak_tflops
+    if "rawtune" in summary and "trainer" in summary:
+        r, t = summary["rawtune"], summary["trainer"]
+        pairs = [a["samples_per_s"] / b["samples_per_s"] for a, b in
+                 zip(runs["rawtune"], runs["trainer"]) if "samples_per_s" in a and
+                 "samples_per_s" in b]
+        mem = "cuda_peak_mb" if on_gpu else "peak_rss_mb"
+        summary["ratio"] = {"samples_per_s": r["samples_per_s"] / t["samples_per_s"],
+                            "samples_per_s_no_ckpt": r["samples_per_s_no_ckpt"]
+                            / t["samples_per_s_no_ckpt"],
+                            "per_pair": [round(p, 3) for p in pairs],
+                            "peak_memory": r[mem] / t[mem]}
+    return summary
+
+
+def fmt(value, spec=".1f", none="–"):
+    return none if value is None else format(value, spec)
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    lines = [f"# rawtune vs HF Trainer — {meta['date']}", "",
+             f"- machine: {meta['machine']}", f"- command: `{meta['command']}`",
+             f"- torch {meta['torch']}, transformers {meta['transformers']}, "
+             f"peft {meta['peft']}, accelerate {meta['accelerate']}",
+             f"- repeats: {meta['repeats']} (sides alternated); steps cap: "
+             f"{meta['steps'] or 'none (full epochs)'}", ""]
+    if meta.get("note"):
+        lines += [f"**{meta['note']}**", ""]
+    lines += ["Samples/s and tokens/s: median over repeats of examples (tokens) trained / "
+              "wall time of the training call. Peak memory: "
+              + ("`torch.cuda.max_memory_allocated` during the training call." if meta["cuda"]
+                 else "the RSS high-water mark (VmHWM) during the training call, each side in "
+                      "its own fresh process.")
+              + " Padding: share of the batch's positions that are padding. Both sides save a "
+              "checkpoint at the end (rawtune's loop always does; Trainer's default "
+              "save_strategy='steps' does); its time is shown apart.", "",
+              "| workload | side | samples/s | tokens/s | target tok/s | TFLOP/s | MFU | "
+              "peak mem MiB | train loss | eval loss | accuracy | padding | steps | "
+              "checkpoint s | samples/s excl. checkpoint |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name, w in results["workloads"].items():
+        if "skipped" in w:
+            lines.append(f"| {name} | skipped: {w['skipped']} | | | | | | | | | | | | | |")
+            continue
+        s = w["summary"]
+        for side in SIDES:
+            if side not in s:
+                why = next((r.get("skipped") or r.get("error") for r in w["runs"][side]), "?")
+                lines.append(f"| {name} | {SIDE_NAMES[side]}: {why} | | | | | | | | | | | | | |")
+                continue
+            x = s[side]
+            mem = x["cuda_peak_mb"] if results["meta"]["cuda"] else x["peak_rss_mb"]
+            lines.append(
+                f"| {name} | {SIDE_NAMES[side]} | {x['samples_per_s']:.2f} | "
+                f"{x['tokens_per_s']:.0f} | {fmt(x.get('target_tokens_per_s'), '.0f')} | "
+                f"{x['tflops']:.3f} | {fmt(x.get('mfu'), '.1%')} | {mem:.0f} | "
+                f"{x['train_loss']:.4f} | {x['eval_loss']:.4f} | {fmt(x['accuracy'], '.4f')} | "
+                f"{x['padding']:.1%} | {x['steps']} | {x['ckpt_s']:.1f} | "
+                f"{x['samples_per_s_no_ckpt']:.2f} |")
+        if "ratio" in s:
+            ratio = s["ratio"]
+            lines.append(f"| **{name}** | **rawtune / Trainer** | "
+                         f"**{ratio['samples_per_s']:.2f}×**"
+                         f" | | | | | {ratio['peak_memory']:.2f}× | | | | | | | "
+                         f"**{ratio['samples_per_s_no_ckpt']:.2f}×** |")
+            notes.append(f"- {name}: rawtune/Trainer samples/s per alternated pair "
+                         f"{ratio['per_pair']}")
+        if w.get("data_note"):
+            notes.append(f"- {name}: {w['data_note']}")
+    return "\n".join(lines + [""] + notes) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS),
+                        choices=list(WORKLOADS), help="which workloads (default: all)")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="cap optimizer steps on both sides (default: full epochs)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternated")
+    parser.add_argument("--out", default=str(ROOT / "bench"),
+                        help="folder for results.md and results.json")
+    parser.add_argument("--long-file", default=str(DEMO_DATA / "sentiment_long.jsonl"),
+                        help="jsonl of {text, label} long texts for cls-long / gpu-distilbert")
+    parser.add_argument("--alpaca-file", default=str(SHARED / "data/alpaca_5k/alpaca_5000.jsonl"))
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="accelerator peak for MFU (H100/H200 SXM bf16 dense: 989)")
+    parser.add_argument("--rawtune-arg", action="append", default=[],
+                        help="extra train_cls flag for rawtune's side (cls: e.g. "
+                             "--rawtune-arg=--no-group-by-length; lm: group_by_length=false)")
+    parser.add_argument("--trainer-arg", action="append", default=[],
+                        help="extra TrainingArguments KEY=VALUE for the peer, e.g. "
+                             "train_sampling_strategy=group_by_length")
+    parser.add_argument("--keep-work", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--note", default="", help="a line written at the top of results.md")
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args.child)
+
+    import accelerate
+    import peft
+    import torch
+    import transformers
+    on_gpu = torch.cuda.is_available()
+    machine = (f"{torch.cuda.get_device_name(0)}" if on_gpu else
+               f"CPU, {os.cpu_count()} cores, "
+               f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB")
+    results = {"meta": {
+        "date": datetime.date.today().isoformat(), "machine": machine, "cuda": on_gpu,
+        "host": platform.node(), "command": "python -m bench " + " ".join(argv or sys.argv[1:]),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "peft": peft.__version__, "accelerate": accelerate.__version__,
+        "repeats": args.repeats, "steps": args.steps, "peak_tflops": args.peak_tflops,
+        "note": args.note}, "workloads": {}}
+    work = Path(tempfile.mkdtemp(prefix="rawtune-bench-"))
+    try:
+        for name in args.workloads:
+            spec = WORKLOADS[name]
+            try:
+                job = prepare(name, spec, args, work, on_gpu)
+            except Skip as why:
+                print(f"[{name}] skipped: {why}", flush=True)
+                results["workloads"][name] = {"skipped": str(why)}
+                continue
+            runs = {side: [] for side in SIDES}
+            extras = {"rawtune": args.rawtune_arg, "trainer": args.trainer_arg}
+            for rep in range(args.repeats):
+                for side in SIDES:
+                    result = run_side(job, side, extras[side], work / name, f"{side}-{rep}")
+                    runs[side].append(result)
+                    print(f"[{name}] {side} #{rep + 1}: " + (
+                        f"{result['samples_per_s']:.2f} samples/s, {result['tokens_per_s']:.0f} "
+                        f"tokens/s, {result['steps']} steps in {result['train_s']:.1f}s, "
+                        f"loss {result['train_loss']:.4f}, peak RSS {result['peak_rss_mb']:.0f} MiB"
+                        if "samples_per_s" in result else
+                        f"skipped: {result['skipped']}" if "skipped" in result else
+                        f"FAILED {result['error']}\n  " + "\n  ".join(result["log_tail"])),
+                        flush=True)
+            results["workloads"][name] = {
+                "settings": {k: job[k] for k in ("model", "lr", "batch_size", "epochs",
+                                                 "max_length", "weight_decay", "n_train",
+                                                 "n_eval") if k in job}
+                | {"mixed_precision": job.get("mixed_precision", "no"),
+                   "rawtune_args": args.rawtune_arg, "trainer_args": args.trainer_arg},
+                "data_note": job.get("data_note"), "runs": runs,
+                "summary": summarise(runs, on_gpu, args.peak_tflops)}
+            ratio = results["workloads"][name]["summary"].get("ratio")
+            if ratio:
+                print(f"[{name}] rawtune/Trainer samples/s {ratio['samples_per_s']:.2f}x "
+                      f"(pairs {ratio['per_pair']}), peak memory {ratio['peak_memory']:.2f}x",
+                      flush=True)
+    finally:
+        if args.keep_work:
+            print(f"scratch kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown(results))
+    print(markdown(results))
+    print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

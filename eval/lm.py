@@ -1,0 +1,108 @@
+"""Language-model loss and perplexity, weighted by target token.
+
+A causal LM predicts token t+1 from tokens up to t, so the logits at position t
+are scored against the label at position t+1 ("the shift"). Labels of -100 (the
+prompt and the padding) are not targets. The eval loss is the sum of every target
+token's cross-entropy over the whole eval set divided by the number of target
+tokens, so a long answer weighs by its tokens rather than as one example;
+perplexity is exp(loss). HF's own `labels=` loss is the same mean for one batch.
+
+The sweep plot uses matplotlib's `Figure` directly (no pyplot state, headless-safe).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+from core.batching import eval_batches
+
+IGNORE = -100  # the label of a token that is not a target
+PLOT_DPI = 120
+
+
+def target_count(labels: torch.Tensor) -> torch.Tensor:
+    """How many tokens are targets once labels are shifted left by one."""
+    return (labels[:, 1:] != IGNORE).sum()
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the target tokens, computed in fp32.
+
+    Softmax over bf16 logits loses the small differences the loss is made of, so
+    the logits are upcast first.
+    """
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+@torch.no_grad()
+def evaluate_lm(model: torch.nn.Module, rows: Sequence[dict],
+                collate: Callable[[list[dict]], dict[str, torch.Tensor]], batch_size: int,
+                accelerator) -> dict[str, Any]:
+    """Token-weighted loss and perplexity over all of `rows`, the same on every rank.
+
+    Each rank scores its shard (core.batching.eval_batches: every row exactly once
+    across ranks); the loss and token sums are then added up over ranks, which
+    keeps the mean weighted by tokens rather than by rank.
+    """
+    lengths = [len(r["input_ids"]) for r in rows]
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, tokens, rows
+    for idx in eval_batches(len(rows), batch_size, accelerator.num_processes,
+                            accelerator.process_index, lengths):
+        batch = {k: v.to(accelerator.device) for k, v in collate([rows[i] for i in idx]).items()}
+        with accelerator.autocast():
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+        totals += torch.stack([token_loss_sum(logits, batch["labels"]).double(),
+                               target_count(batch["labels"]).double(),
+                               torch.tensor(len(idx), dtype=torch.float64,
+                                            device=accelerator.device)])
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    loss_sum, tokens, n_rows = totals.tolist()
+    loss = loss_sum / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),  # exp(>709) overflows a float
+            "n_eval_tokens": int(tokens), "n_eval": int(n_rows)}
+
+
+def smooth(values: Sequence[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average, debiased so the first points are not pulled to zero."""
+    out, average = [], 0.0
+    for n, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** n))
+    return out
+
+
+def plot_loss_vs_r(curves: dict[int, list[tuple[int, float]]], eval_loss: dict[int, float],
+                   eval_loss_before: float, path: str | Path) -> None:
+    """Left: training loss per step for each rank. Right: final eval loss against r (log2 axis)."""
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    colors = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(curves)))
+    for color, (r, points) in zip(colors, sorted(curves.items())):
+        steps, losses = zip(*points)
+        left.plot(steps, losses, color=color, alpha=0.2, linewidth=0.8)  # raw, faint
+        left.plot(steps, smooth(losses), color=color, label=f"r={r}")
+    left.set(xlabel="optimizer step", ylabel="training loss (per target token)",
+             title="Training loss (smoothed)")
+    left.legend()
+    ranks = sorted(eval_loss)
+    right.plot(ranks, [eval_loss[r] for r in ranks], marker="o")
+    right.axhline(eval_loss_before, color="grey", linestyle="--", label="before training")
+    right.set_xscale("log", base=2)
+    right.set_xticks(ranks, [str(r) for r in ranks])
+    right.set(xlabel="LoRA rank r", ylabel="eval loss (per target token)",
+              title="Final eval loss vs rank")
+    right.legend()
+    fig.savefig(path, dpi=PLOT_DPI, format="png")

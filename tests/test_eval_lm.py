@@ -1,0 +1,67 @@
+"""eval/lm.py: the shifted token loss and the token-weighted eval loss over a whole set."""
+
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM
+
+from core.collate import pad_batch
+from core.demo import tiny_llama_config
+from eval.lm import evaluate_lm, plot_loss_vs_r, smooth, target_count, token_loss_sum
+
+VOCAB = 97
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_llama_config(VOCAB)).eval()
+
+
+def rows(n: int, seed: int = 0) -> list[dict]:
+    """Rows of unequal length whose first few tokens are an unlabelled prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(3, VOCAB, (5 + 3 * i,), generator=generator).tolist()
+        prompt = 2 + i % 3
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def test_token_loss_matches_the_models_own_labels_loss(model):
+    batch = pad_batch(rows(4), pad_id=0)
+    with torch.no_grad():
+        out = model(**batch)  # HF shifts internally and averages over non -100 targets
+        ours = token_loss_sum(out.logits, batch["labels"]) / target_count(batch["labels"])
+    torch.testing.assert_close(ours, out.loss)
+
+
+def test_target_count_excludes_the_first_position_and_masked_labels():
+    labels = torch.tensor([[5, 6, -100, 7], [-100, -100, 8, -100]])
+    assert target_count(labels) == 3  # 6, 7 and 8: position 0 has nothing before it
+
+
+def test_eval_loss_weights_every_token_across_batches(model):
+    data = rows(7)
+    result = evaluate_lm(model, data, lambda r: pad_batch(r, 0), batch_size=2,
+                         accelerator=Accelerator(cpu=True))
+    whole = pad_batch(data, 0)  # one batch of everything: the same mean over tokens
+    with torch.no_grad():
+        expected = float(model(**whole).loss)
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+    assert result["n_eval"] == 7 and result["n_eval_tokens"] == int(target_count(whole["labels"]))
+
+
+def test_smoothing_starts_at_the_first_value_and_follows_a_constant():
+    assert smooth([4.0, 4.0, 4.0]) == pytest.approx([4.0, 4.0, 4.0])
+    assert smooth([2.0, 0.0])[0] == pytest.approx(2.0)
+
+
+def test_sweep_plot_is_written(tmp_path):
+    curves = {4: [(1, 3.0), (2, 2.5)], 8: [(1, 3.0), (2, 2.2)]}
+    plot_loss_vs_r(curves, {4: 2.6, 8: 2.4}, 3.1, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,61 @@
+"""Bad input to train_lora.py: one line on stderr, exit 2, and no file written."""
+
+import json
+
+import pytest
+
+import train_lora
+from core.errors import run_cli
+
+GOOD = {"instruction": "Name a colour.", "input": "", "output": "Teal"}
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+CASES = {
+    "missing output column": (
+        lambda d: ["--train-file", write_rows(d / "a.jsonl", [{"instruction": "Hi", "answer": "Yo"}] * 20)],
+        "column 'output' not found"),
+    "no prompt column": (
+        lambda d: ["--train-file", write_rows(d / "b.jsonl", [{"question": "Hi", "output": "Yo"}] * 20)],
+        "neither an 'instruction' nor an 'input' column"),
+    "named column absent": (
+        lambda d: ["--instruction-column", "prompt"], "column 'prompt' not found"),
+    "empty output": (
+        lambda d: ["--train-file", write_rows(d / "c.jsonl", [GOOD] * 20 + [{**GOOD, "output": ""}])],
+        "row 20 of the training data has an empty 'output'"),
+    "template without input": (
+        lambda d: ["--prompt-template", "Q: {instruction}\\nA:"], "lacks the placeholder(s) {input}"),
+    "template with unknown placeholder": (
+        lambda d: ["--prompt-template", "{instruction} {input} {context}"],
+        "unknown placeholder(s) {context}"),
+    "target module matching nothing": (
+        lambda d: ["--target-modules", "q_proj", "qkv_proj"], "qkv_proj match(es) no layer"),
+    "rank zero": (lambda d: ["--lora-r", "4", "0"], "--lora-r must be positive"),
+    "duplicate ranks": (lambda d: ["--lora-r", "8", "4", "8"], "lists a rank twice"),
+    "max length too small": (lambda d: ["--max-length", "2"], "cannot hold any response"),
+    "eval fraction out of range": (lambda d: ["--eval-fraction", "1.5"], "--eval-fraction must be"),
+    "missing extra examples file": (
+        lambda d: ["--extra-examples", str(d / "none.jsonl")], "data file not found"),
+    "empty added answer": (lambda d: ["--add-example", "Who?", " "], "#1 has an empty ANSWER"),
+    "added example without answer": (
+        lambda d: ["--add-example", "Who?"], "expected 2 arguments"),
+    "resume from a path": (
+        lambda d: ["--resume-from", str(d)], "a sweep resumes each rank from its own directory"),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, capsys):
+    extra_argv, words = CASES[case]
+    out = tmp_path / "run"
+    argv = ["--demo", "--output-dir", str(out), *extra_argv(tmp_path)]
+    assert run_cli(train_lora.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert words in err[0]
+    assert " — " in err[0]  # what is wrong, then how to fix it
+    assert not out.exists()
