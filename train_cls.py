@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.wait_for_everyone()
 
     task = ClassificationTask(eval_rows, tokenizer.pad_token_id, cfg.eval_batch_size,
-                              len(labels.names), accelerator)
+                              len(labels.names), accelerator,
+                              cfg.pad_multiple(accelerator.device))
     data = TrainData(train_rows, task.collate, [len(r["input_ids"]) for r in train_rows])
     result = train(model, task, data, cfg, accelerator, out_dir)
 

@@ -285,7 +285,8 @@ def run_rank(r: int, source: str, cfg: LoraRunConfig, data: TrainData, eval_rows
     """
     model = build_lora_model(source, r, cfg, base_dtype(accelerator)).to(accelerator.device)
     trainable, total = model.get_nb_trainable_parameters()
-    task = CausalLMTask(eval_rows, tokenizer.pad_token_id, cfg.eval_batch_size, accelerator)
+    task = CausalLMTask(eval_rows, tokenizer.pad_token_id, cfg.eval_batch_size, accelerator,
+                        cfg.pad_multiple(accelerator.device))
     if baseline is None:
         # LoRA's B matrices start at zero, so the untrained model is the base model:
         # one evaluation serves as every rank's step 0.
@@ -407,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
             save_demo_base(config, cfg.seed, Path(source))
     accelerator.wait_for_everyone()
 
-    data = TrainData(train_enc.rows, partial(pad_batch, pad_id=tokenizer.pad_token_id),
+    data = TrainData(train_enc.rows, partial(pad_batch, pad_id=tokenizer.pad_token_id,
+                                             multiple=cfg.pad_multiple(accelerator.device)),
                      [len(r["input_ids"]) for r in train_enc.rows])
     results, baseline = [], None
     for r, r_dir in rank_dirs.items():

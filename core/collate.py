@@ -3,12 +3,15 @@
 import torch
 
 
-def pad_batch(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_batch(rows: list[dict], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
     """Stack token rows into tensors; `labels` are padded with -100 so padding costs no loss.
 
     Rows hold `input_ids` and optionally `labels` (a list per token, or one int per row).
+    With `multiple` > 1 the width is rounded up to a multiple of it: a GPU then meets
+    a handful of batch shapes instead of one per length, and pays its per-shape kernel
+    selection a handful of times. (Keep it a divisor of the model's position limit.)
     """
-    width = max(len(r["input_ids"]) for r in rows)
+    width = -(-max(len(r["input_ids"]) for r in rows) // multiple) * multiple
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     token_labels = "labels" in rows[0] and isinstance(rows[0]["labels"], list)

@@ -61,6 +61,9 @@ class TrainConfig:
     warmup_steps: int | None = opt(None, "warmup length in steps (overrides --warmup-ratio)")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this; 0 disables clipping")
     mixed_precision: str = opt("no", "autocast precision", choices=["no", "bf16", "fp16"])
+    pad_to_multiple_of: int | None = opt(None, "round each batch's length up to a multiple of N "
+                                               "(default: 64 on a GPU, to bound the number of "
+                                               "kernel shapes; 1 on CPU, where padding is pure cost)")
     group_by_length: bool = opt(True, "batch examples of similar length (shuffled, seeded) to cut padding")
     seed: int = opt(42, "seed for data order, initialisation and dropout")
 
@@ -70,6 +73,11 @@ class TrainConfig:
     resume_from: str | None = opt(None, "checkpoint directory to continue from, or 'latest'")
     log_every: int = opt(10, "read losses back from the device every N steps (each step is still logged)")
     skip_nonfinite: bool = opt(False, "skip optimizer steps whose loss or gradient is not finite")
+
+    def pad_multiple(self, device) -> int:
+        if self.pad_to_multiple_of is not None:
+            return self.pad_to_multiple_of
+        return 64 if device.type == "cuda" else 1
 
     def validate(self) -> None:
         """Check ranges that argparse cannot; raise UsageError naming the flag."""
@@ -87,7 +95,8 @@ class TrainConfig:
             if value < 0:
                 raise fail(f"--{flag(name)} must not be negative, got {value}",
                            f"pass 0 or more to --{flag(name)}")
-        for name in ("max_steps", "warmup_steps", "max_train_samples", "max_eval_samples"):
+        for name in ("max_steps", "warmup_steps", "max_train_samples", "max_eval_samples",
+                     "pad_to_multiple_of"):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "warmup_steps" else 1):
                 raise fail(f"--{flag(name)} is out of range: {value}", f"pass a positive --{flag(name)}")

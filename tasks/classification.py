@@ -84,16 +84,17 @@ class ClassificationTask:
     unit = "examples"
 
     def __init__(self, eval_rows: list[dict], pad_id: int, eval_batch_size: int,
-                 num_labels: int, accelerator):
+                 num_labels: int, accelerator, pad_multiple: int = 1):
         self.eval_rows = eval_rows
         self.pad_id = pad_id
+        self.pad_multiple = pad_multiple
         self.eval_batch_size = eval_batch_size
         self.num_labels = num_labels
         self.accelerator = accelerator
         self.predictions: list[dict[str, Any]] = []
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        return pad_batch(rows, self.pad_id)
+        return pad_batch(rows, self.pad_id, self.pad_multiple)
 
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.tensor(len(batch["labels"]), device=batch["labels"].device)

@@ -269,14 +269,16 @@ class CausalLMTask:
 
     unit = "tokens"
 
-    def __init__(self, eval_rows: list[dict], pad_id: int, eval_batch_size: int, accelerator):
+    def __init__(self, eval_rows: list[dict], pad_id: int, eval_batch_size: int, accelerator,
+                 pad_multiple: int = 1):
         self.eval_rows = eval_rows
         self.pad_id = pad_id
+        self.pad_multiple = pad_multiple
         self.eval_batch_size = eval_batch_size
         self.accelerator = accelerator
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        return pad_batch(rows, self.pad_id)  # padding labels are -100
+        return pad_batch(rows, self.pad_id, self.pad_multiple)  # padding labels are -100
 
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return target_count(batch["labels"])

@@ -131,3 +131,13 @@ def test_eval_batches_partition_the_eval_set(n, world, grouped):
         for shard in shards:
             widths = [lengths[i] for b in shard for i in b]
             assert widths == sorted(widths, reverse=True)
+
+
+def test_pad_batch_rounds_width_up_to_the_multiple():
+    from core.collate import pad_batch
+    rows = [{"input_ids": [5] * 3, "labels": [1, 2, 3]}, {"input_ids": [6] * 70, "labels": [4] * 70}]
+    batch = pad_batch(rows, pad_id=0, multiple=64)
+    assert batch["input_ids"].shape == (2, 128)
+    assert batch["attention_mask"].sum().item() == 73
+    assert (batch["labels"][0, 3:] == -100).all() and batch["labels"][0, :3].tolist() == [1, 2, 3]
+    assert pad_batch(rows, pad_id=0)["input_ids"].shape == (2, 70)
