@@ -18,7 +18,7 @@ from core.config import TrainConfig, opt, parse_config
 from core.data import load_split, require_columns, take
 from core.demo import data_file, tiny_distilbert_config, wordpiece_tokenizer
 from core.errors import fail, run_cli
-from core.loop import TrainData, train
+from core.loop import TrainData, make_accelerator, plan_steps, train
 from core.pretrained import load_pretrained, max_positions
 from eval.classification import plot_confusion_matrix
 from tasks.classification import ClassificationTask, label_map, tokenize
@@ -69,7 +69,13 @@ def load_tokenizer(cfg: ClsConfig, train_rows):
     from transformers import AutoTokenizer
     if cfg.demo and cfg.model == ClsConfig.model:
         return wordpiece_tokenizer(list(train_rows[cfg.text_column]), max_length=cfg.max_length)
-    return load_pretrained(AutoTokenizer.from_pretrained, cfg.model, "tokenizer")
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, cfg.model, "tokenizer")
+    if tokenizer.pad_token is None:  # GPT-style tokenizers have none; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise fail(f"the tokenizer of {cfg.model} has no pad, eos or unk token to pad with",
+                   "use a model whose tokenizer defines one")
+    return tokenizer
 
 
 def model_config(cfg: ClsConfig, labels, vocab_size: int):
@@ -99,12 +105,11 @@ def load_model(cfg: ClsConfig, config):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_config(ClsConfig, argv, __doc__, DEMO_FLAGS if "--demo" in argv else None)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg.mixed_precision)
     out_dir = run_dir.choose(cfg.output_dir, "cls-demo" if cfg.demo else "cls", accelerator)
     run_dir.check_writable(out_dir, cfg.overwrite, bool(cfg.resume_from))
     if cfg.resume_from:  # a checkpoint that is not there is bad input: say so before writing
@@ -116,13 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     labels = label_map(train_raw, cfg.label_column)
     tokenizer = load_tokenizer(cfg, train_raw)
     config = model_config(cfg, labels, len(tokenizer))
+    config.pad_token_id = tokenizer.pad_token_id  # models that pool the last token find it by this
     columns = (cfg.text_column, cfg.text_pair_column, cfg.label_column)
     train_rows = tokenize(train_raw, tokenizer, *columns, labels, cfg.max_length, "the training data")
     eval_rows = tokenize(eval_raw, tokenizer, *columns, labels, cfg.max_length, "the eval data")
+    plan_steps(len(train_rows), cfg, accelerator.num_processes)  # can one batch be filled?
     model = load_model(cfg, config)  # last: the weights are the slow part
 
     if accelerator.is_main_process:
         run_dir.create(out_dir, PRODUCED, cfg.overwrite, bool(cfg.resume_from))
+    if accelerator.is_main_process and not (cfg.resume_from and (out_dir / "config.json").exists()):
         run_dir.write_json(out_dir / "config.json", {
             **cfg.to_dict(), "output_dir": str(out_dir), "run_name": cfg.run_name or out_dir.name,
             "id2label": labels.id2label, "world_size": accelerator.num_processes,

@@ -1,6 +1,6 @@
 """LoRA instruction tuning of a causal LM (default: OpenLLaMA 3B v2 on Alpaca), swept over ranks.
 
-    python train_lora.py --demo                              # offline, tiny model, ~2 minutes
+    python train_lora.py --demo                              # offline, tiny model, seconds
     python train_lora.py --lora-r 4 8 16 32 --train-file alpaca.jsonl
     python train_lora.py --train-file qa.jsonl --add-example "Who wrote it?" "Ann" --merge
     accelerate launch train_lora.py --mixed-precision bf16 --gradient-checkpointing ...
@@ -31,7 +31,7 @@ from core.config import TrainConfig, opt, parse_config
 from core.data import load_file, load_split, take
 from core.demo import bpe_tokenizer, data_file, tiny_llama_config
 from core.errors import fail, run_cli
-from core.loop import TrainData, plan_steps, train
+from core.loop import TrainData, make_accelerator, plan_steps, train
 from core.pretrained import load_pretrained, max_positions
 from eval.lm import plot_loss_vs_r
 from tasks.instruct import (ALPACA_WITH_INPUT, CausalLMTask, Columns, Encoded, encode,
@@ -244,9 +244,10 @@ def check_target_modules(config, targets: list[str], model_name: str) -> None:
                    f"choose from {', '.join(choices)}, or pass all-linear")
 
 
-def base_dtype(accelerator) -> torch.dtype:
-    """bf16 base weights where the device computes in bf16; the LoRA weights stay fp32."""
-    if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported():
+def base_dtype(accelerator, mixed_precision: str) -> torch.dtype:
+    """bf16 base weights for bf16 runs on a device that computes in bf16; LoRA weights stay fp32."""
+    if (mixed_precision == "bf16" and accelerator.device.type == "cuda"
+            and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float32
 
@@ -283,7 +284,8 @@ def run_rank(r: int, source: str, cfg: LoraRunConfig, data: TrainData, eval_rows
 
     `baseline` is the untrained model's evaluation; None makes this rank compute it.
     """
-    model = build_lora_model(source, r, cfg, base_dtype(accelerator)).to(accelerator.device)
+    dtype = base_dtype(accelerator, cfg.mixed_precision)
+    model = build_lora_model(source, r, cfg, dtype).to(accelerator.device)
     trainable, total = model.get_nb_trainable_parameters()
     task = CausalLMTask(eval_rows, tokenizer.pad_token_id, cfg.eval_batch_size, accelerator,
                         cfg.pad_multiple(accelerator.device))
@@ -367,14 +369,18 @@ def write_sweep(out_dir: Path, results: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from accelerate import Accelerator
 
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_config(LoraRunConfig, argv, __doc__, DEMO_FLAGS if "--demo" in argv else None)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg.mixed_precision)
     out_dir = run_dir.choose(cfg.output_dir, "lora-demo" if cfg.demo else "lora", accelerator)
     resuming = bool(cfg.resume_from)
     run_dir.check_writable(out_dir, cfg.overwrite, resuming)
+    if resuming and not any((d / "metrics.json").is_file()
+                            or checkpoint.complete_checkpoints(d / "checkpoints")
+                            for d in out_dir.glob("r*")):
+        raise fail(f"nothing to resume in {out_dir}: no rank has a checkpoint or metrics.json",
+                   "drop --resume-from, or point --output-dir at the interrupted sweep")
 
     # Everything that can fail on bad input happens before the first file is written.
     train_examples, eval_examples, n_added = load_examples(cfg)
@@ -393,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.create(out_dir, SWEEP_FILES + earlier, cfg.overwrite, resuming)
         for path in rank_dirs.values():
             path.mkdir(exist_ok=True)
+    # A resumed sweep keeps the config.json of the run it continues.
+    if accelerator.is_main_process and not (resuming and (out_dir / "config.json").exists()):
         run_dir.write_json(out_dir / "config.json", {
             **cfg.to_dict(), "output_dir": str(out_dir), "run_name": cfg.run_name or out_dir.name,
             "world_size": accelerator.num_processes, "slow_tokenizer": use_slow_tokenizer(cfg)

@@ -75,9 +75,10 @@ class TrainConfig:
     skip_nonfinite: bool = opt(False, "skip optimizer steps whose loss or gradient is not finite")
 
     def pad_multiple(self, device) -> int:
+        """Rounding never pads past --max-length: the multiple divides it, or is 1."""
         if self.pad_to_multiple_of is not None:
             return self.pad_to_multiple_of
-        return 64 if device.type == "cuda" else 1
+        return 64 if device.type == "cuda" and self.max_length % 64 == 0 else 1
 
     def validate(self) -> None:
         """Check ranges that argparse cannot; raise UsageError naming the flag."""
@@ -100,6 +101,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < (0 if name == "warmup_steps" else 1):
                 raise fail(f"--{flag(name)} is out of range: {value}", f"pass a positive --{flag(name)}")
+        if self.pad_to_multiple_of and self.max_length % self.pad_to_multiple_of:
+            raise fail(f"--pad-to-multiple-of {self.pad_to_multiple_of} does not divide "
+                       f"--max-length {self.max_length}",
+                       "pick a divisor, so padding never exceeds --max-length")
         if not 0 <= self.warmup_ratio < 1:
             raise fail(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}",
                        "pass a fraction such as 0.1")

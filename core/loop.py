@@ -102,6 +102,17 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
+def make_accelerator(mixed_precision: str):
+    """Accelerate's state for this process; a precision the device lacks is bad input."""
+    from accelerate import Accelerator
+    try:
+        return Accelerator(mixed_precision=mixed_precision)
+    except ValueError as err:  # e.g. fp16 on a CPU, bf16 on a GPU without it
+        raise UsageError(f"--mixed-precision {mixed_precision} is not available here "
+                         f"({str(err).splitlines()[0][:160]}) — pick another --mixed-precision, "
+                         f"or 'no'") from None
+
+
 def plan_steps(n_rows: int, cfg: TrainConfig, world: int) -> tuple[int, int]:
     """(micro-batches per epoch on each rank, total optimizer steps of the run)."""
     micro_per_epoch = len(train_batches(n_rows, cfg.batch_size, world, 0, cfg.seed, 0))
@@ -256,10 +267,13 @@ def _counts(task: Task, batch: Batch) -> torch.Tensor:
 def _finite(loss: torch.Tensor, grad_norm: torch.Tensor, cfg: TrainConfig) -> bool:
     """Whether this step's loss and gradient norm are finite (one device sync).
 
-    With fp16 the gradient scaler already skips overflowing steps, so only bf16/fp32
-    runs are checked here.
+    With fp16 the gradient scaler already skips steps whose scaled gradients overflow,
+    so there only the (unscaled) loss is checked: a non-finite loss is bad data or a
+    diverged model, which no scale can fix.
     """
-    return cfg.mixed_precision == "fp16" or bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    if cfg.mixed_precision == "fp16":
+        return bool(torch.isfinite(loss))
+    return bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
 
 
 def _optimizer_step(optimizer, accelerator) -> bool:

@@ -28,7 +28,16 @@ class LabelMap:
 
 
 def label_map(train: datasets.Dataset, column: str) -> LabelMap:
-    """Ids for the label column: int labels are kept, string labels numbered in sorted order."""
+    """Ids for the label column, at least two classes."""
+    labels = _label_map(train, column)
+    if len(labels.names) < 2:
+        raise fail(f"label column '{column}' of the training data holds one class only "
+                   f"({labels.names[0]!r})", "train on examples of at least two classes")
+    return labels
+
+
+def _label_map(train: datasets.Dataset, column: str) -> LabelMap:
+    """Int labels are kept as ids, string labels numbered in sorted order."""
     feature = train.features[column]
     if isinstance(feature, datasets.ClassLabel):
         return LabelMap(list(feature.names))

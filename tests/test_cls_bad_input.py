@@ -49,6 +49,7 @@ def assets(tmp_path_factory):
                                                  for i, t in enumerate(TEXTS)]),
         "unseen_label": jsonl(root / "unseen.jsonl", [{"text": "x", "label": "neg"},
                                                       {"text": "y", "label": "meh"}]),
+        "one_class": jsonl(root / "one_class.jsonl", [{"text": t, "label": "pos"} for t in TEXTS]),
         "out_of_range": jsonl(root / "range.jsonl", [{"text": "x", "label": 0},
                                                      {"text": "y", "label": 2}]),
     }
@@ -129,6 +130,12 @@ CASES = [
     ("demo-empty-eval-file", lambda a: ["--demo", "--eval-file", a["empty"]],
      "data file is empty"),
     ("demo-zero-lr", lambda a: ["--demo", "--lr", "0"], "--lr must be positive"),
+    ("one-class-only", lambda a: base(a) + ["--train-file", a["one_class"]],
+     "holds one class only"),
+    ("fp16-on-cpu", lambda a: base(a) + ["--mixed-precision", "fp16"],
+     "--mixed-precision fp16 is not available here"),
+    ("pad-multiple-not-dividing-max-length", lambda a: base(a) + ["--pad-to-multiple-of", "5"],
+     "does not divide --max-length 32"),
 ]
 
 

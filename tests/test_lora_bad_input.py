@@ -45,6 +45,8 @@ CASES = {
         lambda d: ["--add-example", "Who?"], "expected 2 arguments"),
     "resume from a path": (
         lambda d: ["--resume-from", str(d)], "a sweep resumes each rank from its own directory"),
+    "resume with nothing to resume": (lambda d: ["--resume-from", "latest"], "nothing to resume"),
+    "fp16 on a CPU": (lambda d: ["--mixed-precision", "fp16"], "is not available here"),
 }
 
 

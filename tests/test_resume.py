@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 import train_cls
 from core import checkpoint
-from core.demo import wordpiece_tokenizer
 from core.errors import run_cli
 from tasks.classification import ClassificationTask
 
@@ -38,25 +37,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def same_demo_tokenizer():
-    """Every run here gets one tokenizer. The demo trains its WordPiece vocabulary on the
-    fly, and the tokenizers library breaks ties between equally frequent merges in hash
-    order, so two trainings may differ (934 or 935 tokens). A resumed demo run would see
-    other token ids; the loop refuses that (plan "train_data"), so tests pin the vocabulary."""
-    built = {}
-
-    def cached(texts, *args, **kwargs):
-        key = (tuple(texts), args, tuple(sorted(kwargs.items())))
-        if key not in built:
-            built[key] = wordpiece_tokenizer(texts, *args, **kwargs)
-        return built[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_cls, "wordpiece_tokenizer", cached)
-        yield
 
 
 def records(out):
