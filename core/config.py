@@ -126,6 +126,10 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} — see --help")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each flag; the script's docstring (with its examples) kept as written."""
+
+
 def _argparse_kwargs(field: dataclasses.Field, hint: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"help": field.metadata["help"]}
     if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `T | None`
@@ -142,8 +146,7 @@ def _argparse_kwargs(field: dataclasses.Field, hint: Any) -> dict[str, Any]:
 
 
 def build_parser(cls: type[C], description: str) -> argparse.ArgumentParser:
-    parser = _Parser(description=description,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=description, formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         parser.add_argument(f"--{flag(field.name)}", dest=field.name,

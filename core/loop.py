@@ -329,10 +329,13 @@ def _flush(pending: list[dict], log: RunLog, state: dict[str, Any], timer: Timer
         state["samples"] += examples
         state["tokens"] += real
         state["units"] += units
-        log.step({"step": p["step"], "epoch": round(p["epoch"], 4), "loss": loss, "lr": p["lr"],
+        record = {"step": p["step"], "epoch": round(p["epoch"], 4), "loss": loss, "lr": p["lr"],
                   "grad_norm": grad_norm, "samples_per_s": examples / per_step,
                   "tokens_per_s": real / per_step, "units": int(units),
-                  "padding": 1 - real / padded, "skipped": p["skipped"]})
+                  "padding": 1 - real / padded, "skipped": p["skipped"]}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            record["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        log.step(record)
     state["logged_s"] = timer.elapsed
 
 

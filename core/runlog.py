@@ -43,7 +43,10 @@ class RunLog:
     def step(self, record: dict[str, Any]) -> None:
         self.write({"type": "train", **record})
         stats = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                 f"{record['samples_per_s']:.1f} samples/s")
+                 f"{record['samples_per_s']:.1f} samples/s  {record['tokens_per_s']:.0f} tok/s  "
+                 f"pad {record['padding']:.0%}")
+        if "peak_mem_mib" in record:
+            stats += f"  {record['peak_mem_mib'] / 1024:.1f} GiB"
         self.progress.update(self.task, completed=record["step"], stats=stats)
 
     def eval(self, record: dict[str, Any]) -> None:

@@ -20,3 +20,14 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real asset {path} is absent")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for modules of tiny models: they gain nothing from a second one,
+    and on a busy 2-core machine competing OpenMP threads make them many times slower."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -47,13 +47,7 @@ def task_for(eval_rows=(), accelerator=None) -> ClassificationTask:
     return ClassificationTask(list(eval_rows), PAD, 8, LABELS, accelerator)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny model gains nothing from threads; on a busy 2-core box they cost 40x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def grads(model) -> dict[str, torch.Tensor]:

@@ -32,14 +32,7 @@ SMALL = ["--max-train-samples", "64", "--batch-size", "8", "--max-steps", "8",
          "--save-every", "3", "--log-every", "2", *EVAL]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine
-    spinning OpenMP threads make these runs several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

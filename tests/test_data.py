@@ -173,16 +173,6 @@ def test_eval_int_labels_out_of_range_are_rejected(values, bad):
         label_ids(ds(values), "label", labels, "the eval data")
 
 
-@pytest.fixture
-def one_thread():
-    """A tiny model gains nothing from threads; on a busy 2-core box they cost many times over."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_string_label_names_are_saved_with_the_run(tmp_path, one_thread):
     """The sorted names reach config.json and the saved model, so predictions read as names."""
     import train_cls

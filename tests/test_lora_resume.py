@@ -22,12 +22,7 @@ FLAGS = ["--demo", "--lora-r", "4", "8", "--max-train-samples", "96", "--batch-s
 TIMING = {"samples_per_s", "tokens_per_s"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def records(r_dir):

@@ -29,14 +29,7 @@ TOTAL_STEPS = 16
 TIMING = {"samples_per_s", "tokens_per_s"}  # wall-clock figures, the only ones allowed to differ
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine
-    spinning OpenMP threads make these runs several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def records(out):

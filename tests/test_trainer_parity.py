@@ -34,14 +34,7 @@ from dist_worker import VOCAB, synthetic_rows  # noqa: E402
 STEPS, BATCH, LR, WARMUP, DECAY, CLIP = 20, 4, 1e-3, 4, 0.01, 1.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine
-    spinning OpenMP threads make these runs several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SequentialTrainer(Trainer):
