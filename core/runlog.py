@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.table import Column
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+                           TimeRemainingColumn)
 
 
 class RunLog:
@@ -18,9 +19,13 @@ class RunLog:
         self.enabled = enabled
         self.path = path
         self.console = Console(stderr=True)
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
+        # The step count comes before the figures, so a narrow terminal cuts figures first.
+        count_width = 2 * len(str(total_steps)) + 1
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(bar_width=12),
+                                 MofNCompleteColumn(table_column=Column(min_width=count_width)),
                                  TextColumn("ETA"), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[stats]}", table_column=Column(
+                                     ratio=1, no_wrap=True, overflow="ellipsis")),
                                  console=self.console, disable=not enabled)
         self.task = self.progress.add_task("train", total=total_steps, completed=resume_step,
                                            stats="")
@@ -42,8 +47,8 @@ class RunLog:
 
     def step(self, record: dict[str, Any]) -> None:
         self.write({"type": "train", **record})
-        stats = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                 f"{record['samples_per_s']:.1f} samples/s  {record['tokens_per_s']:.0f} tok/s  "
+        stats = (f"loss {record['loss']:.4f} lr {record['lr']:.1e} "
+                 f"{record['samples_per_s']:.0f} ex/s {record['tokens_per_s']:.0f} tok/s "
                  f"pad {record['padding']:.0%}")
         if "peak_mem_mib" in record:
             stats += f"  {record['peak_mem_mib'] / 1024:.1f} GiB"
