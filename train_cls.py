@@ -67,7 +67,7 @@ def load_rows(cfg: ClsConfig):
 def load_tokenizer(cfg: ClsConfig, train_rows):
     """From the hub or a directory, or trained on the training texts for --demo."""
     from transformers import AutoTokenizer
-    if cfg.demo and cfg.model == ClsConfig.model:
+    if cfg.uses_demo_model():
         return wordpiece_tokenizer(list(train_rows[cfg.text_column]), max_length=cfg.max_length)
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, cfg.model, "tokenizer")
     if tokenizer.pad_token is None:  # GPT-style tokenizers have none; padding is masked anyway
@@ -83,7 +83,7 @@ def model_config(cfg: ClsConfig, labels, vocab_size: int):
     from transformers import AutoConfig
     label_kwargs = {"num_labels": len(labels.names), "id2label": labels.id2label,
                     "label2id": labels.label2id}
-    if cfg.demo and cfg.model == ClsConfig.model:
+    if cfg.uses_demo_model():
         config = tiny_distilbert_config(vocab_size, len(labels.names), cfg.max_length)
         config.update({k: v for k, v in label_kwargs.items() if k != "num_labels"})
         return config
@@ -98,7 +98,7 @@ def model_config(cfg: ClsConfig, labels, vocab_size: int):
 def load_model(cfg: ClsConfig, config):
     """The classifier: pretrained weights with a new head, or built tiny for --demo."""
     from transformers import AutoModelForSequenceClassification
-    if cfg.demo and cfg.model == ClsConfig.model:
+    if cfg.uses_demo_model():
         return AutoModelForSequenceClassification.from_config(config)
     return load_pretrained(AutoModelForSequenceClassification.from_pretrained, cfg.model,
                            "model", config=config)

@@ -186,7 +186,7 @@ def use_slow_tokenizer(cfg: LoraRunConfig) -> bool:
 
 def load_tokenizer(cfg: LoraRunConfig, train_examples: list[dict]):
     """The model's tokenizer (sentencepiece or fast), or a BPE one trained for --demo."""
-    if is_demo_model(cfg):
+    if cfg.uses_demo_model():
         texts = [ALPACA_WITH_INPUT] + [text for e in train_examples for text in e.values() if text]
         return bpe_tokenizer(texts, max_length=cfg.max_length)
     if use_slow_tokenizer(cfg):
@@ -204,12 +204,8 @@ def load_tokenizer(cfg: LoraRunConfig, train_examples: list[dict]):
     return tokenizer
 
 
-def is_demo_model(cfg: LoraRunConfig) -> bool:
-    return cfg.demo and cfg.model == DEFAULT_MODEL
-
-
 def model_config(cfg: LoraRunConfig, tokenizer):
-    if is_demo_model(cfg):
+    if cfg.uses_demo_model():
         config = tiny_llama_config(len(tokenizer), cfg.max_length)
         config.update({"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
                        "eos_token_id": tokenizer.eos_token_id})
@@ -404,13 +400,13 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.write_json(out_dir / "config.json", {
             **cfg.to_dict(), "output_dir": str(out_dir), "run_name": cfg.run_name or out_dir.name,
             "world_size": accelerator.num_processes, "slow_tokenizer": use_slow_tokenizer(cfg)
-            and not is_demo_model(cfg), "prompt_template_text": template.with_input,
+            and not cfg.uses_demo_model(), "prompt_template_text": template.with_input,
             "prompt_template_no_input_text": template.no_input,
             "n_train": len(train_enc.rows), "n_eval": len(eval_enc.rows), "n_added": n_added,
             "n_truncated": {"train": train_enc.truncated, "eval": eval_enc.truncated},
             "n_dropped": {"train": train_enc.dropped, "eval": eval_enc.dropped}})
     source = cfg.model
-    if is_demo_model(cfg):
+    if cfg.uses_demo_model():
         source = str(out_dir / "base_model")
         if accelerator.is_main_process and not (out_dir / "base_model").is_dir():
             save_demo_base(config, cfg.seed, Path(source))

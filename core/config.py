@@ -74,6 +74,10 @@ class TrainConfig:
     log_every: int = opt(10, "read losses back from the device every N steps (each step is still logged)")
     skip_nonfinite: bool = opt(False, "skip optimizer steps whose loss or gradient is not finite")
 
+    def uses_demo_model(self) -> bool:
+        """--demo without a --model of the user's: build the tiny model and tokenizer."""
+        return self.demo and self.model == type(self).model  # the class attribute is the default
+
     def pad_multiple(self, device) -> int:
         """Rounding never pads past --max-length: the multiple divides it, or is 1."""
         if self.pad_to_multiple_of is not None:

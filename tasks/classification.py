@@ -7,6 +7,7 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather_object
 
 from core.batching import eval_batches
 from core.collate import pad_batch
@@ -130,7 +131,8 @@ class ClassificationTask:
             probs = logits.softmax(-1)
             local += [(i, int(label), float(loss), p) for i, label, loss, p in
                       zip(idx, batch["labels"].tolist(), losses.tolist(), probs.tolist())]
-        rows = sorted(_gather(local, acc), key=lambda r: r[0])
+        # Every rank's results on every rank; each eval example appears exactly once.
+        rows = sorted(gather_object(local), key=lambda r: r[0])
         labels = np.array([r[1] for r in rows])
         probs = np.array([r[3] for r in rows])
         preds = probs.argmax(-1)
@@ -141,12 +143,3 @@ class ClassificationTask:
                              "probabilities": [round(x, 6) for x in pr]}
                             for (i, *_), y, p, pr in zip(rows, labels, preds, probs.tolist())]
         return metrics
-
-
-def _gather(local: list, accelerator) -> list:
-    """Every rank's results on every rank; each eval example appears exactly once."""
-    if accelerator.num_processes == 1:
-        return local
-    gathered = [None] * accelerator.num_processes
-    torch.distributed.all_gather_object(gathered, local)
-    return [item for part in gathered for item in part]
