@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if accelerator.is_main_process:
         write_outputs(out_dir, result, task, labels, accelerator.unwrap_model(model), tokenizer)
+    # Tear down the process group: one left alive at interpreter exit can abort the process.
+    accelerator.end_training()
     return 0
 
 

@@ -428,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         write_sweep(out_dir, results)
         print(f"files in {out_dir}")
+    # Tear down the process group: one left alive at interpreter exit can abort the process.
+    accelerator.end_training()
     return 0
 
 

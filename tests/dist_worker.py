@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         code = run_task(name, Path(out), args, accelerator, signal_rank=None)
     print(f"rank {rank} done, exit {code}", flush=True)
+    accelerator.end_training()  # a live gloo group at interpreter exit can abort the process
     return code
 
 
