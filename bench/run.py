@@ -201,26 +201,19 @@ def save_distilbert(out: Path, minilm: Path, train: list[dict]) -> Path:
 # ---------------------------------------------------------------- the child: one side, one run
 
 class Meter:
-    """Counts what the model is fed while training, from a forward pre-hook.
+    """Counts what the model is fed while training, from a forward pre-hook, and prices
+    it in model FLOPs with core.flops.StepFlops, the count rawtune's own log uses.
 
-    Per example of length s it adds the model FLOPs of a training step:
-    `c * N * s` for the matrix products (N = weights of Linear layers; c = 6 when
-    every weight trains, 4 + 2 * trainable share with LoRA, whose frozen weights get
-    no weight gradient) plus `12 * layers * width * s**2` for attention (PaLM's count).
+    Sums stay on the model's device until `totals()`: reading them back in the hook
+    would make either side's host wait for its GPU at every forward pass.
     """
 
     def __init__(self, model, lm: bool):
-        import torch
-        linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        n_lin = sum(m.weight.numel() for m in linear)
-        n_lin_trainable = sum(m.weight.numel() for m in linear if m.weight.requires_grad)
-        cfg = model.config
-        self.layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layers")
-        self.width = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim")
-        self.flops_per_token = (4 * n_lin + 2 * n_lin_trainable)
+        from core.flops import StepFlops
+        self.step_flops = StepFlops(model)
         self.lm = lm
         self.active = True
-        self.totals = dict(examples=0, tokens=0, padded_tokens=0, target_tokens=0, flops=0.0)
+        self.sums = dict(examples=0, tokens=0, padded_tokens=0, target_tokens=0, pairs=0)
         self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
@@ -228,23 +221,25 @@ class Meter:
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
-        lengths = mask.sum(1) if mask is not None else \
-            ids.new_full((ids.shape[0],), ids.shape[1])
-        t = self.totals
+        lengths = (mask.sum(1) if mask is not None else
+                   ids.new_full((ids.shape[0],), ids.shape[1])).double()
+        t = self.sums
         t["examples"] += ids.shape[0]
-        t["tokens"] += int(lengths.sum())
+        t["tokens"] = t["tokens"] + lengths.sum()
+        t["pairs"] = t["pairs"] + (lengths * lengths).sum()
         t["padded_tokens"] += ids.numel()
         labels = kwargs.get("labels")
         if self.lm and labels is not None:
-            t["target_tokens"] += int((labels[:, 1:] != -100).sum())
-        s = lengths.double()
-        t["flops"] += float((self.flops_per_token * s
-                             + 12 * self.layers * self.width * s * s).sum())
+            t["target_tokens"] = t["target_tokens"] + (labels[:, 1:] != -100).sum()
 
-
-    def add_targets(self, n: int) -> None:
+    def add_targets(self, n) -> None:
         if self.active:
-            self.totals["target_tokens"] += n
+            self.sums["target_tokens"] = self.sums["target_tokens"] + n
+
+    def totals(self) -> dict:
+        t = {k: float(v) for k, v in self.sums.items()}
+        t["flops"] = self.step_flops(t["tokens"], t["examples"], t.pop("pairs"))
+        return t
 
 
 class Measure:
@@ -353,7 +348,7 @@ def child(spec_path: str) -> int:
 
 def _finish(measure: Measure, **figures) -> dict:
     meter, train_s = measure.meter, measure.wall
-    t = meter.totals
+    t = meter.totals()
     meter.handle.remove()
     out = {"train_s": train_s, **t, **measure.figures(),
            "samples_per_s": t["examples"] / train_s,
@@ -378,7 +373,7 @@ def _timed(real_train, measures: list, lm: bool):
 
             def counting(batch):
                 n = count(batch)
-                measure.meter.add_targets(int(n))
+                measure.meter.add_targets(n)
                 return n
             task.count = counting
         task.evaluate = measure.pausing(task.evaluate)

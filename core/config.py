@@ -65,13 +65,21 @@ class TrainConfig:
                                                "(default: 64 on a GPU, to bound the number of "
                                                "kernel shapes; 1 on CPU, where padding is pure cost)")
     group_by_length: bool = opt(True, "batch examples of similar length (shuffled, seeded) to cut padding")
+    compile: bool = opt(False, "torch.compile the model: the first steps (and evaluation) wait "
+                               "while it compiles; later steps are faster, mostly on a GPU")
+    return_cpu_memory: bool = opt(True, "on a CPU (glibc): unmap freed tensor memory at once, so "
+                                        "peak RSS is live tensors, not heap fragmentation")
+    peak_tflops: float | None = opt(None, "accelerator peak in TFLOP/s, for MFU in the log "
+                                          "(default: the dense bf16 peak of known GPUs)")
     seed: int = opt(42, "seed for data order, initialisation and dropout")
 
     eval_every: int = opt(0, "evaluate every N optimizer steps; 0 = at the end of each epoch")
     save_every: int = opt(0, "checkpoint every N optimizer steps; 0 = only at the end")
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
     resume_from: str | None = opt(None, "checkpoint directory to continue from, or 'latest'")
-    log_every: int = opt(10, "read losses back from the device every N steps (each step is still logged)")
+    log_every: int | None = opt(None, "read figures back from the device every N steps; each is "
+                                      "a wait for the device and the latest a stop signal can "
+                                      "act (default: 1 on CPU, 10 on GPU; every step is logged)")
     skip_nonfinite: bool = opt(False, "skip optimizer steps whose loss or gradient is not finite")
 
     def uses_demo_model(self) -> bool:
@@ -84,12 +92,17 @@ class TrainConfig:
             return self.pad_to_multiple_of
         return 64 if device.type == "cuda" and self.max_length % 64 == 0 else 1
 
+    def read_back_every(self, device) -> int:
+        """On a CPU the host is the device: reading back costs nothing, so every step."""
+        if self.log_every is not None:
+            return self.log_every
+        return 10 if device.type == "cuda" else 1
+
     def validate(self) -> None:
         """Check ranges that argparse cannot; raise UsageError naming the flag."""
         positive = {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
                     "grad_accum": self.grad_accum, "lr": self.lr, "max_length": self.max_length,
-                    "epochs": self.epochs, "log_every": self.log_every,
-                    "keep_checkpoints": self.keep_checkpoints}
+                    "epochs": self.epochs, "keep_checkpoints": self.keep_checkpoints}
         for name, value in positive.items():
             if not value > 0:
                 raise fail(f"--{flag(name)} must be positive, got {value}",
@@ -101,10 +114,13 @@ class TrainConfig:
                 raise fail(f"--{flag(name)} must not be negative, got {value}",
                            f"pass 0 or more to --{flag(name)}")
         for name in ("max_steps", "warmup_steps", "max_train_samples", "max_eval_samples",
-                     "pad_to_multiple_of"):
+                     "pad_to_multiple_of", "log_every"):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "warmup_steps" else 1):
                 raise fail(f"--{flag(name)} is out of range: {value}", f"pass a positive --{flag(name)}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise fail(f"--peak-tflops must be positive, got {self.peak_tflops}",
+                       "pass the accelerator's peak, e.g. 989 for an H100 SXM in bf16")
         if self.pad_to_multiple_of and self.max_length % self.pad_to_multiple_of:
             raise fail(f"--pad-to-multiple-of {self.pad_to_multiple_of} does not divide "
                        f"--max-length {self.max_length}",

@@ -14,12 +14,20 @@ micro-batches, weights a token in a short batch more than one in a long batch.)
 A task plugs in through four members (see `Task`): what a unit is, how many a
 batch holds, the summed loss of a batch, and how to evaluate.
 
+The host never waits for the device inside a step
+--------------------------------------------------
+Python queues step after step while the accelerator works through them; it waits
+only every --log-every steps (and before an evaluation or a checkpoint), when
+`_flush` reads the buffered losses back. So whatever needs a step's results is
+decided there: the log line, a fault, a stop request. Until then, a step whose loss
+or gradient norm is not finite is skipped on the device (see `_optimizer_step`).
+
 Stopping and resuming
 ---------------------
-SIGINT/SIGTERM on any rank make every rank checkpoint after the same step and exit
-with 128 + the signal's number; a non-finite loss or gradient norm stops the run
-before the step is applied (exit 1), keeping the last checkpoint, unless
---skip-nonfinite. A checkpoint holds the weights, optimizer, counters, position in
+SIGINT/SIGTERM on any rank make every rank checkpoint after the same step (the next
+read-back) and exit with 128 + the signal's number; a non-finite loss or gradient
+norm stops the run (exit 1) naming the step, which was not applied, and keeps the
+last checkpoint, unless --skip-nonfinite. A checkpoint holds the weights, optimizer, counters, position in
 the epoch and every rank's RNG states, and the batch order is a pure function of
 (seed, epoch), so a resumed run repeats the uninterrupted one bit for bit on a
 deterministic device. It must keep the run's plan (total steps, batch layout,
@@ -35,10 +43,11 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
-from core import checkpoint
+from core import checkpoint, host_memory
 from core.batching import train_batches
 from core.config import TrainConfig
 from core.errors import UsageError
+from core.flops import StepFlops, peak_tflops
 from core.optim import build_adamw, lr_factor, set_lr, warmup_steps_for
 from core.runlog import RunLog, Timer
 
@@ -94,8 +103,8 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.signum = signum
 
-    def flag(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor([float(self.signum is not None)], dtype=torch.float64, device=device)
+    def flag(self) -> torch.Tensor:
+        return torch.tensor([float(self.signum is not None)], dtype=torch.float64)
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -152,14 +161,19 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
             "warmup_steps": warmup, "train_rows": len(data.rows),
             "train_data": checkpoint.data_fingerprint(data.rows)}
 
+    device, ckpt_root = accelerator.device, out_dir / "checkpoints"
+    if device.type == "cpu" and cfg.return_cpu_memory:
+        host_memory.map_large_blocks()
+    flops = StepFlops(model)
     optimizer = build_adamw(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
                             cfg.adam_eps)
+    if cfg.compile:
+        model.compile()  # in place: state_dict keys, checkpoints and saving are unchanged
     # prepare() wraps the model for data parallelism and autocast, and the optimizer
     # for the fp16 gradient scaler. The schedule stays ours: see set_lr below.
     model, optimizer = accelerator.prepare(model, optimizer)
     fingerprint = checkpoint.fingerprint(accelerator.unwrap_model(model))
     params = [p for p in model.parameters() if p.requires_grad]
-    device, ckpt_root = accelerator.device, out_dir / "checkpoints"
 
     state = {"step": 0, "epoch": 0, "micro_done": 0, "samples": 0, "tokens": 0, "units": 0,
              "train_s": 0.0,
@@ -174,6 +188,8 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
               f"{world} device(s), accumulation {cfg.grad_accum}, warmup {warmup})"
               + (f", resumed at step {state['step']}" if state["step"] else ""))
     timer, stop, pending = Timer(state["train_s"]), _StopRequest(), []
+    meter = _Meter(flops, peak_tflops(device, cfg.peak_tflops))
+    read_back_every = cfg.read_back_every(device)
     last_eval: dict[str, Any] | None = None
     model.train()
 
@@ -183,14 +199,14 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
             epoch, done, window = next(windows)
             step = state["step"]
             with timer:
-                batches = [{k: v.to(device, non_blocking=True) for k, v in
-                            data.collate([data.rows[i] for i in idx]).items()} for idx in window]
+                host_batches = [data.collate([data.rows[i] for i in idx]) for idx in window]
                 # One all-reduce before any forward pass gives every rank the window's
-                # [units, examples, real tokens, padded tokens] and whether any rank was
-                # signalled, so all ranks stop after the same step.
-                counts = accelerator.reduce(torch.cat([
-                    torch.stack([_counts(task, b) for b in batches]).sum(0), stop.flag(device)]),
+                # [units, examples, real tokens, padded tokens, token pairs] and whether
+                # any rank was signalled, so all ranks stop after the same step.
+                counts = accelerator.reduce(_to_device(torch.cat(
+                    [sum(_counts(task, b) for b in host_batches), stop.flag()]), device),
                     reduction="sum")
+                batches = [{k: _to_device(v, device) for k, v in b.items()} for b in host_batches]
                 n_units = counts[0].clamp(min=1)
                 lr = set_lr(optimizer, cfg.lr, lr_factor(step, warmup, total_steps))  # schedule
                 loss_sum = torch.zeros((), device=device)
@@ -207,31 +223,30 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
                 step_loss = accelerator.reduce(loss_sum, reduction="sum") / n_units
                 # Loss and norm are global, so every rank takes the same decision.
                 finite = _finite(step_loss, grad_norm, cfg)
-                applied = finite and _optimizer_step(optimizer, accelerator)  # update
+                applied = _optimizer_step(optimizer, accelerator, finite)  # update, if finite
                 optimizer.zero_grad(set_to_none=True)                       # reset
 
-            state["step"], state["skipped"] = step + 1, state["skipped"] + (not applied)
+            state["step"] = step + 1
             state["epoch"], state["micro_done"] = ((epoch + 1, 0) if done == micro_per_epoch
                                                    else (epoch, done))
-            pending.append({"step": step + 1, "epoch": epoch + done / micro_per_epoch,
-                            "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                            "counts": counts, "applied": applied, "skipped": state["skipped"]})
-            if not finite and not cfg.skip_nonfinite:
-                _flush(pending, log, state, timer)  # the bad step's record helps diagnose it
-                raise _nonfinite_error(step + 1, step_loss, grad_norm, ckpt_root, out_dir)
-
+            pending.append({"step": step + 1, "epoch": epoch + done / micro_per_epoch, "lr": lr,
+                            "figures": torch.cat([counts, torch.stack(
+                                [x.double() for x in (step_loss, grad_norm, finite, applied)])])})
             finished = state["step"] == total_steps
-            stopping = bool(counts[-1])  # a signal on any rank: checkpoint and leave
             eval_now = (finished or (cfg.eval_every and state["step"] % cfg.eval_every == 0)
                         or (not cfg.eval_every and done == micro_per_epoch))
-            save_now = (finished or stopping
-                        or (cfg.save_every and state["step"] % cfg.save_every == 0))
-            if len(pending) >= cfg.log_every or eval_now or save_now:
-                _flush(pending, log, state, timer)
-                pending = []
+            save_now = finished or (cfg.save_every and state["step"] % cfg.save_every == 0)
+            if len(pending) < read_back_every and not (eval_now or save_now):
+                continue  # nothing needs this step's results yet: queue the next one
+
+            fault, stopping = _flush(pending, log, state, timer, meter,
+                                     stop_at_fault=not cfg.skip_nonfinite)
+            pending = []
+            if fault and not cfg.skip_nonfinite:
+                raise _nonfinite_error(fault, ckpt_root, out_dir)
             if eval_now:
                 last_eval = _evaluate(model, task, accelerator, log, state, micro_per_epoch)
-            if save_now:
+            if save_now or stopping:  # a signal on any rank: checkpoint and leave
                 state["train_s"] = timer.elapsed
                 path = checkpoint.save(ckpt_root, state["step"], accelerator, model, optimizer,
                                        state, cfg.keep_checkpoints)
@@ -257,45 +272,77 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
 
 
 def _counts(task: Task, batch: Batch) -> torch.Tensor:
-    """[units, examples, real tokens, padded tokens] of a micro-batch, on its device."""
+    """[units, examples, real tokens, padded tokens, token pairs] of a micro-batch on the host.
+
+    Token pairs (the sum over examples of length**2) price attention, for MFU.
+    """
     ids, mask = batch["input_ids"], batch.get("attention_mask")
-    parts = [task.count(batch), len(ids), mask.sum() if mask is not None else ids.numel(),
-             ids.numel()]
-    return torch.stack([torch.as_tensor(x, device=ids.device).to(torch.float64) for x in parts])
+    lengths = (mask.sum(1) if mask is not None else torch.full((len(ids),), ids.shape[1])).double()
+    return torch.stack([torch.as_tensor(task.count(batch), dtype=torch.float64),
+                        torch.tensor(float(len(ids)), dtype=torch.float64), lengths.sum(),
+                        torch.tensor(float(ids.numel()), dtype=torch.float64),
+                        (lengths ** 2).sum()])
 
 
-def _finite(loss: torch.Tensor, grad_norm: torch.Tensor, cfg: TrainConfig) -> bool:
-    """Whether this step's loss and gradient norm are finite (one device sync).
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-to-device copy the host need not wait for: on CUDA, from pinned memory."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def _finite(loss: torch.Tensor, grad_norm: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Whether this step's loss and gradient norm are finite, as a tensor on the device.
 
     With fp16 the gradient scaler already skips steps whose scaled gradients overflow,
     so there only the (unscaled) loss is checked: a non-finite loss is bad data or a
     diverged model, which no scale can fix.
     """
     if cfg.mixed_precision == "fp16":
-        return bool(torch.isfinite(loss))
-    return bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        return torch.isfinite(loss)
+    return torch.isfinite(loss) & torch.isfinite(grad_norm)
 
 
-def _optimizer_step(optimizer, accelerator) -> bool:
-    """Step; False when fp16's gradient scaler skipped the update for an overflow.
+def _optimizer_step(optimizer, accelerator, finite: torch.Tensor) -> torch.Tensor:
+    """Apply the update unless `finite` is False; return whether it was applied.
 
-    The scaler lowers its scale exactly when it skips. (Accelerate's step_was_skipped
-    misses skips a fused optimizer makes inside its kernel, as ours does.)
+    The fused AdamW takes that decision inside its kernel: given `found_inf` (the flag
+    PyTorch's gradient scaler hands it), it leaves weights and optimizer state as they
+    were, and the host does not wait for the device. fp16's scaler reports its own
+    skips only to the host, and other optimizers take no flag: those steps wait.
     """
-    scaler = accelerator.scaler
-    before = scaler.get_scale() if scaler is not None else None
-    optimizer.step()
-    return scaler is None or scaler.get_scale() >= before
+    inner, scaler = optimizer.optimizer, accelerator.scaler  # accelerate wraps the optimizer
+    if scaler is None and inner.defaults.get("fused"):
+        inner.found_inf = (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+        return finite
+    applied = bool(finite)
+    if applied:
+        before = scaler.get_scale() if scaler is not None else None
+        optimizer.step()
+        # The scaler lowers its scale exactly when it skips. (Accelerate's step_was_skipped
+        # misses skips a fused optimizer makes inside its kernel, as ours does.)
+        applied = scaler is None or scaler.get_scale() >= before
+    return torch.tensor(applied, device=finite.device)
 
 
-def _nonfinite_error(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, ckpt_root: Path,
-                     out_dir: Path) -> Stopped:
+@dataclass
+class _Fault:
+    step: int
+    loss: float
+    grad_norm: float
+
+
+def _nonfinite_error(fault: _Fault, ckpt_root: Path, out_dir: Path) -> Stopped:
     saved = checkpoint.complete_checkpoints(ckpt_root)
     kept = (f"the last good checkpoint, {saved[-1]}, is kept (the same command and "
             f"--resume-from latest --output-dir {out_dir} continue from it)" if saved
             else "no checkpoint was saved")
-    return Stopped(f"non-finite loss or gradient norm at step {step} (loss {float(loss)}, "
-                   f"grad norm {float(grad_norm)}); the step was not applied and {kept} — lower "
+    return Stopped(f"non-finite loss or gradient norm at step {fault.step} (loss {fault.loss}, "
+                   f"grad norm {fault.grad_norm}); the step was not applied and {kept} — lower "
                    f"--lr, check the data, or pass --skip-nonfinite to skip such steps", code=1)
 
 
@@ -310,33 +357,49 @@ def _evaluate(model, task: Task, accelerator, log: RunLog, state: dict[str, Any]
     return metrics
 
 
-def _flush(pending: list[dict], log: RunLog, state: dict[str, Any], timer: Timer) -> None:
-    """Read the buffered step figures back from the device (one sync) and log them.
+@dataclass
+class _Meter:
+    flops: StepFlops
+    peak_tflops: float | None   # None: MFU is not reported
 
-    The device runs ahead of Python, so one step's time is not observable without a
-    sync per step; throughput is averaged over the steps flushed together.
+
+def _flush(pending: list[dict], log: RunLog, state: dict[str, Any], timer: Timer,
+           meter: _Meter, stop_at_fault: bool) -> tuple[_Fault | None, bool]:
+    """Read the buffered steps back from the device (one wait) and log them.
+
+    Returns the first step that was not finite, if any (with `stop_at_fault` the records
+    end there: the run is about to stop), and whether any rank was signalled. Throughput is averaged over the steps read back
+    together: one step's time is not observable without a wait per step.
     """
-    if not pending:
-        return
     with timer:  # waiting here for the queued steps to finish is training time too
-        figures = [(p, float(p["loss"]), float(p["grad_norm"]), p["counts"].tolist())
-                   for p in pending]
+        rows = torch.stack([p["figures"] for p in pending]).tolist()
     per_step = max(timer.elapsed - state["logged_s"], 1e-9) / len(pending)
-    for p, loss, grad_norm, counts in figures:
-        units, examples, real, padded = counts[:4]
-        if p["applied"]:  # a skipped step's loss is not finite: keep it out of the mean
+    state["logged_s"] = timer.elapsed
+    stopping, fault = False, None
+    for p, (units, examples, real, padded, pairs, signal_, loss, grad_norm, finite,
+            applied) in zip(pending, rows):
+        stopping = stopping or signal_ > 0
+        state["skipped"] += not applied
+        if applied:  # a skipped step's loss is not finite: keep it out of the mean
             state["loss_total"] += loss
         state["samples"] += examples
         state["tokens"] += real
         state["units"] += units
+        tflops = meter.flops(real, examples, pairs) / per_step / 1e12
         record = {"step": p["step"], "epoch": round(p["epoch"], 4), "loss": loss, "lr": p["lr"],
                   "grad_norm": grad_norm, "samples_per_s": examples / per_step,
                   "tokens_per_s": real / per_step, "units": int(units),
-                  "padding": 1 - real / padded, "skipped": p["skipped"]}
+                  "padding": 1 - real / padded, "tflops": tflops, "skipped": state["skipped"]}
+        if meter.peak_tflops:
+            record["mfu"] = tflops / meter.peak_tflops
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             record["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
         log.step(record)
-    state["logged_s"] = timer.elapsed
+        if not finite and fault is None:
+            fault = _Fault(p["step"], loss, grad_norm)
+            if stop_at_fault:
+                break
+    return fault, stopping
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:

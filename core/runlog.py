@@ -50,6 +50,8 @@ class RunLog:
         stats = (f"loss {record['loss']:.4f} lr {record['lr']:.1e} "
                  f"{record['samples_per_s']:.0f} ex/s {record['tokens_per_s']:.0f} tok/s "
                  f"pad {record['padding']:.0%}")
+        if "mfu" in record:
+            stats += f" MFU {record['mfu']:.1%}"
         if "peak_mem_mib" in record:
             stats += f"  {record['peak_mem_mib'] / 1024:.1f} GiB"
         self.progress.update(self.task, completed=record["step"], stats=stats)

@@ -136,6 +136,9 @@ CASES = [
      "--mixed-precision fp16 is not available here"),
     ("pad-multiple-not-dividing-max-length", lambda a: base(a) + ["--pad-to-multiple-of", "5"],
      "does not divide --max-length 32"),
+    ("zero-peak-tflops", lambda a: base(a) + ["--peak-tflops", "0"],
+     "--peak-tflops must be positive"),
+    ("zero-log-every", lambda a: base(a) + ["--log-every", "0"], "--log-every is out of range"),
 ]
 
 

@@ -1,0 +1,65 @@
+"""Model FLOPs of a training step, and model FLOP utilisation (MFU).
+
+MFU is the share of the accelerator's peak that goes into the model's own
+arithmetic. It counts what the model must compute, not what the kernels happen to
+do (padding, recomputation and attention masks earn nothing), so it compares
+runs, libraries and machines on equal terms.
+"""
+
+import torch
+
+# Dense bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets, matched in this
+# order against torch.cuda.get_device_name() ("NVIDIA H100 PCIe" before "H100").
+BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0),
+                    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0))
+
+
+# Linear layers under these names see one vector per example, not one per token:
+# a sequence classifier's pooler and head (BERT, DistilBERT, Llama-for-classification).
+PER_EXAMPLE_MODULES = {"pooler", "pre_classifier", "classifier", "score"}
+
+
+class StepFlops:
+    """Training FLOPs of a batch: `per_token * tokens + per_example * examples +
+    per_token_pair * token_pairs`, counting real tokens only.
+
+    Matrix products: a weight of N entries costs 2N per vector forward and 2N backward
+    for the input's gradient; only a trained weight costs another 2N for its own
+    gradient (LoRA's frozen base does not). So `4 * N + 2 * N_trained` per vector, over
+    the Linear layers, per token except in a classifier's head (per example).
+    Attention's scores and weighted sum add `12 * layers * width` per pair of tokens of
+    one example (the PaLM paper's count; causal masking is not discounted).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.per_token = self.per_example = 0
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                w = module.weight
+                cost = 4 * w.numel() + 2 * w.numel() * w.requires_grad
+                if PER_EXAMPLE_MODULES & set(name.split(".")):
+                    self.per_example += cost
+                else:
+                    self.per_token += cost
+        config = getattr(model, "config", None)
+        layers = _first(config, "num_hidden_layers", "n_layers", "n_layer")
+        width = _first(config, "hidden_size", "dim", "n_embd")
+        self.per_token_pair = 12 * layers * width if layers and width else 0
+
+    def __call__(self, tokens: float, examples: float, token_pairs: float) -> float:
+        """FLOPs of a batch of `examples` holding `tokens` real tokens, `token_pairs` =
+        the sum over its examples of length**2."""
+        return (self.per_token * tokens + self.per_example * examples
+                + self.per_token_pair * token_pairs)
+
+
+def _first(config, *names: str) -> int | None:
+    return next((getattr(config, n) for n in names if getattr(config, n, None)), None)
+
+
+def peak_tflops(device: torch.device, given: float | None) -> float | None:
+    """The peak MFU is measured against: `given`, else a known GPU's dense bf16 peak."""
+    if given or device.type != "cuda":
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)

@@ -1,0 +1,75 @@
+"""Model FLOPs (core/flops.py) against PyTorch's own FLOP counter, and MFU in the log."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import train_cls
+from core.demo import tiny_distilbert_config, tiny_llama_config
+from core.flops import StepFlops, peak_tflops
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def counted_flops(model, ids: torch.Tensor) -> int:
+    """FLOPs PyTorch counts for one forward and backward of `ids` (no padding)."""
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids).logits.float().sum().backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("build", [
+    lambda: AutoModelForCausalLM.from_config(tiny_llama_config(300), attn_implementation="eager"),
+    # A sequence classifier: its pooler and head see one vector per example.
+    lambda: AutoModelForSequenceClassification.from_config(
+        tiny_distilbert_config(300, 2), attn_implementation="eager"),
+], ids=["llama", "distilbert-classifier"])
+def test_step_flops_equal_pytorchs_count(build):
+    # Eager attention runs as plain matrix products, which the counter sees.
+    torch.manual_seed(0)
+    model = build()
+    batch, length = 3, 40
+    ids = torch.randint(5, 300, (batch, length))
+    ours = StepFlops(model)(batch * length, batch, batch * length ** 2)
+    assert ours == counted_flops(model, ids)
+
+
+def test_frozen_weights_cost_no_weight_gradient():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(300))
+    full = StepFlops(model).per_token
+    head = model.lm_head.weight
+    head.requires_grad_(False)
+    assert StepFlops(model).per_token == full - 2 * head.numel()
+
+
+def test_peak_is_the_given_one_or_a_known_gpus(monkeypatch):
+    assert peak_tflops(torch.device("cpu"), None) is None  # no table for CPUs
+    assert peak_tflops(torch.device("cpu"), 1.5) == 1.5
+    cuda = torch.device("cuda", 0)
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                       ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                       ("NVIDIA GeForce GTX 1080", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert peak_tflops(cuda, None) == peak, name
+        assert peak_tflops(cuda, 100.0) == 100.0
+
+
+def test_log_reports_tflops_and_mfu_against_the_given_peak(tmp_path):
+    out = tmp_path / "run"
+    flags = ["--demo", "--max-steps", "3", "--max-train-samples", "48",
+             "--max-eval-samples", "16", "--output-dir", str(out)]
+    assert train_cls.main(flags + ["--peak-tflops", "0.5"]) == 0
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["type"] == "train"]
+    assert len(steps) == 3
+    for r in steps:
+        assert r["tflops"] > 0 and r["mfu"] == pytest.approx(r["tflops"] / 0.5)
+    # Without a peak (a CPU has none in the table), throughput is logged, MFU is not.
+    assert train_cls.main(flags + ["--overwrite"]) == 0
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert all("tflops" in r and "mfu" not in r for r in records if r["type"] == "train")
