@@ -107,8 +107,7 @@ def load_model(cfg: ClsConfig, config):
 def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import set_seed
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = parse_config(ClsConfig, argv, __doc__, DEMO_FLAGS if "--demo" in argv else None)
+    cfg = parse_config(ClsConfig, argv, __doc__, DEMO_FLAGS)
     accelerator = make_accelerator(cfg.mixed_precision)
     out_dir = run_dir.choose(cfg.output_dir, "cls-demo" if cfg.demo else "cls", accelerator)
     run_dir.check_writable(out_dir, cfg.overwrite, bool(cfg.resume_from))

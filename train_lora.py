@@ -125,6 +125,10 @@ class LoraRunConfig(TrainConfig):
         if not 0 < self.eval_fraction < 1:
             raise fail(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}",
                        "pass a fraction such as 0.05")
+        if self.train_file and self.eval_split and not self.eval_file:
+            raise fail("--eval-split names a split of --dataset, but the rows come from "
+                       "--train-file", "pass --eval-file, or drop --eval-split to hold out "
+                       "--eval-fraction of the training rows")
         if not self.targets or ("all-linear" in self.targets and len(self.targets) > 1):
             raise fail(f"--target-modules {' '.join(self.target_modules)} is not a list of layer "
                        f"names", "name layers such as q_proj v_proj, or pass all-linear alone")
@@ -162,7 +166,7 @@ def load_examples(cfg: LoraRunConfig):
     train_raw = take(load_split(cfg.dataset, cfg.train_file, cfg.train_split), cfg.max_train_samples)
     train = to_examples(train_raw, columns_for(train_raw, cfg, "the training data"),
                         "the training data")
-    if cfg.eval_file or (cfg.eval_split and not cfg.train_file):
+    if cfg.eval_file or cfg.eval_split:
         eval_raw = load_split(cfg.dataset, cfg.eval_file, cfg.eval_split)
         evaluation = to_examples(eval_raw, columns_for(eval_raw, cfg, "the eval data"),
                                  "the eval data")
@@ -366,8 +370,7 @@ def write_sweep(out_dir: Path, results: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = parse_config(LoraRunConfig, argv, __doc__, DEMO_FLAGS if "--demo" in argv else None)
+    cfg = parse_config(LoraRunConfig, argv, __doc__, DEMO_FLAGS)
     accelerator = make_accelerator(cfg.mixed_precision)
     out_dir = run_dir.choose(cfg.output_dir, "lora-demo" if cfg.demo else "lora", accelerator)
     resuming = bool(cfg.resume_from)

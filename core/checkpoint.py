@@ -74,16 +74,24 @@ def save(ckpt_root: Path, step: int, accelerator, model: torch.nn.Module,
             shutil.rmtree(old)
         else:
             tmp.rename(final)
-        for old in complete_checkpoints(ckpt_root)[:-keep]:
+        # Checkpoints past this step belong to a future this run abandoned by resuming
+        # from an earlier one: left there, `latest` would go back to them.
+        saved = complete_checkpoints(ckpt_root)
+        for old in [p for p in saved if step_of(p) > step] + \
+                [p for p in saved if step_of(p) <= step][:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
 
+def step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
+
+
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     """`step-*` directories holding trainer_state.json, oldest first."""
     found = [p for p in ckpt_root.glob(f"{PREFIX}*") if (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=step_of)
 
 
 def resolve(resume_from: str, output_dir: Path) -> Path:

@@ -69,7 +69,7 @@ class TrainConfig:
                                "while it compiles; later steps are faster, mostly on a GPU")
     return_cpu_memory: bool = opt(True, "on a CPU (glibc): unmap freed tensor memory at once, so "
                                         "peak RSS is live tensors, not heap fragmentation")
-    peak_tflops: float | None = opt(None, "accelerator peak in TFLOP/s, for MFU in the log "
+    peak_tflops: float | None = opt(None, "one device's peak in TFLOP/s, for MFU in the log "
                                           "(default: the dense bf16 peak of known GPUs)")
     seed: int = opt(42, "seed for data order, initialisation and dropout")
 
@@ -224,14 +224,17 @@ def _as_flags(values: dict[str, Any]) -> list[str]:
 
 
 def parse_config(cls: type[C], argv: list[str] | None, description: str,
-                 presets: list[str] | None = None) -> C:
-    """Flags over config file over `presets` (e.g. --demo's) over dataclass defaults, validated."""
+                 demo_presets: list[str] | None = None) -> C:
+    """Flags over config file over `demo_presets` (when --demo is on, by flag or file)
+    over dataclass defaults, validated."""
     parser = build_parser(cls, description)
     argv = list(sys.argv[1:] if argv is None else argv)
     pre, _ = parser.parse_known_args(argv)
     file_flags = _as_flags(read_config_file(pre.config, cls)) if pre.config else []
     # Later flags win in argparse, so presets go first, then the file's settings.
-    argv = list(presets or []) + file_flags + argv
-    cfg = cls(**vars(parser.parse_args(argv)))
+    settings = parser.parse_args(file_flags + argv)
+    if settings.demo and demo_presets:
+        settings = parser.parse_args(list(demo_presets) + file_flags + argv)
+    cfg = cls(**vars(settings))
     cfg.validate()
     return cfg

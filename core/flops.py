@@ -6,12 +6,16 @@ do (padding, recomputation and attention masks earn nothing), so it compares
 runs, libraries and machines on equal terms.
 """
 
+import re
+
 import torch
 
-# Dense bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets, matched in this
-# order against torch.cuda.get_device_name() ("NVIDIA H100 PCIe" before "H100").
-BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0),
-                    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0))
+# Dense bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets. A GPU matches the
+# first entry whose words all appear in torch.cuda.get_device_name(), split at spaces
+# and dashes ("NVIDIA H100 PCIe" before "H100"; "L4" does not match "NVIDIA L40").
+BF16_PEAK_TFLOPS = ((("H200",), 989.0), (("H100", "PCIe"), 756.0), (("H100", "NVL"), 835.0),
+                    (("H100",), 989.0), (("A100",), 312.0), (("L40S",), 362.0),
+                    (("L4",), 121.0), (("A10",), 125.0))
 
 
 # Linear layers under these names see one vector per example, not one per token:
@@ -61,5 +65,5 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
     """The peak MFU is measured against: `given`, else a known GPU's dense bf16 peak."""
     if given or device.type != "cuda":
         return given
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
+    words = set(re.split(r"[\s-]+", torch.cuda.get_device_name(device)))
+    return next((peak for keys, peak in BF16_PEAK_TFLOPS if words.issuperset(keys)), None)

@@ -20,17 +20,18 @@ Python queues step after step while the accelerator works through them; it waits
 only every --log-every steps (and before an evaluation or a checkpoint), when
 `_flush` reads the buffered losses back. So whatever needs a step's results is
 decided there: the log line, a fault, a stop request. Until then, a step whose loss
-or gradient norm is not finite is skipped on the device (see `_optimizer_step`).
+or gradient norm is not finite is skipped on the device (see `_optimizer_step`;
+fp16 is the exception, as its gradient scaler reports skips to the host only).
 
 Stopping and resuming
 ---------------------
 SIGINT/SIGTERM on any rank make every rank checkpoint after the same step (the next
 read-back) and exit with 128 + the signal's number; a non-finite loss or gradient
 norm stops the run (exit 1) naming the step, which was not applied, and keeps the
-last checkpoint, unless --skip-nonfinite. A checkpoint holds the weights, optimizer, counters, position in
-the epoch and every rank's RNG states, and the batch order is a pure function of
-(seed, epoch), so a resumed run repeats the uninterrupted one bit for bit on a
-deterministic device. It must keep the run's plan (total steps, batch layout,
+last checkpoint, unless --skip-nonfinite. A checkpoint holds the weights, optimizer,
+counters, position in the epoch and every rank's RNG states, and the batch order is
+a pure function of (seed, epoch), so a resumed run repeats the uninterrupted one bit
+for bit on a deterministic device. It must keep the run's plan (total steps, batch layout,
 tokenised data): anything else would change the schedule or the batches.
 """
 
@@ -83,7 +84,8 @@ class Stopped(UsageError):
 
 
 class _StopRequest:
-    """SIGINT/SIGTERM ask the loop to checkpoint and leave at the next step boundary.
+    """SIGINT/SIGTERM ask the loop to checkpoint and leave: after the current step with
+    one process, at the next read-back of the figures with several (--log-every).
 
     A second signal is not deferred: it raises KeyboardInterrupt at once, for a user
     who would rather lose the steps since the last checkpoint than wait.
@@ -188,7 +190,7 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
               f"{world} device(s), accumulation {cfg.grad_accum}, warmup {warmup})"
               + (f", resumed at step {state['step']}" if state["step"] else ""))
     timer, stop, pending = Timer(state["train_s"]), _StopRequest(), []
-    meter = _Meter(flops, peak_tflops(device, cfg.peak_tflops))
+    meter = _Meter(flops, peak_tflops(device, cfg.peak_tflops), world)
     read_back_every = cfg.read_back_every(device)
     last_eval: dict[str, Any] | None = None
     model.train()
@@ -200,13 +202,12 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
             step = state["step"]
             with timer:
                 host_batches = [data.collate([data.rows[i] for i in idx]) for idx in window]
+                batches = [{k: _to_device(v, device) for k, v in b.items()} for b in host_batches]
                 # One all-reduce before any forward pass gives every rank the window's
                 # [units, examples, real tokens, padded tokens, token pairs] and whether
                 # any rank was signalled, so all ranks stop after the same step.
-                counts = accelerator.reduce(_to_device(torch.cat(
-                    [sum(_counts(task, b) for b in host_batches), stop.flag()]), device),
-                    reduction="sum")
-                batches = [{k: _to_device(v, device) for k, v in b.items()} for b in host_batches]
+                local = torch.cat([sum(_counts(task, b) for b in host_batches), stop.flag()])
+                counts = accelerator.reduce(_to_device(local, device), reduction="sum")
                 n_units = counts[0].clamp(min=1)
                 lr = set_lr(optimizer, cfg.lr, lr_factor(step, warmup, total_steps))  # schedule
                 loss_sum = torch.zeros((), device=device)
@@ -230,19 +231,21 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
             state["epoch"], state["micro_done"] = ((epoch + 1, 0) if done == micro_per_epoch
                                                    else (epoch, done))
             pending.append({"step": step + 1, "epoch": epoch + done / micro_per_epoch, "lr": lr,
-                            "figures": torch.cat([counts, torch.stack(
-                                [x.double() for x in (step_loss, grad_norm, finite, applied)])])})
+                            "figures": torch.cat([counts, torch.stack([x.to(device).double() for x
+                                in (step_loss, grad_norm, finite, applied)])])})
             finished = state["step"] == total_steps
             eval_now = (finished or (cfg.eval_every and state["step"] % cfg.eval_every == 0)
                         or (not cfg.eval_every and done == micro_per_epoch))
             save_now = finished or (cfg.save_every and state["step"] % cfg.save_every == 0)
-            if len(pending) < read_back_every and not (eval_now or save_now):
+            # One process knows of a signal at once; several learn of it in the next all-reduce.
+            signalled = world == 1 and stop.signum is not None
+            if len(pending) < read_back_every and not (eval_now or save_now or signalled):
                 continue  # nothing needs this step's results yet: queue the next one
 
             fault, stopping = _flush(pending, log, state, timer, meter,
                                      stop_at_fault=not cfg.skip_nonfinite)
-            pending = []
-            if fault and not cfg.skip_nonfinite:
+            pending, stopping = [], stopping or signalled
+            if fault:
                 raise _nonfinite_error(fault, ckpt_root, out_dir)
             if eval_now:
                 last_eval = _evaluate(model, task, accelerator, log, state, micro_per_epoch)
@@ -320,12 +323,15 @@ def _optimizer_step(optimizer, accelerator, finite: torch.Tensor) -> torch.Tenso
             del inner.found_inf
         return finite
     applied = bool(finite)
+    before = scaler.get_scale() if scaler is not None else None
     if applied:
-        before = scaler.get_scale() if scaler is not None else None
         optimizer.step()
+    elif scaler is not None:
+        scaler.update()  # ends the step clipping unscaled, as step() would have
+    if applied and scaler is not None:
         # The scaler lowers its scale exactly when it skips. (Accelerate's step_was_skipped
         # misses skips a fused optimizer makes inside its kernel, as ours does.)
-        applied = scaler is None or scaler.get_scale() >= before
+        applied = scaler.get_scale() >= before
     return torch.tensor(applied, device=finite.device)
 
 
@@ -360,16 +366,18 @@ def _evaluate(model, task: Task, accelerator, log: RunLog, state: dict[str, Any]
 @dataclass
 class _Meter:
     flops: StepFlops
-    peak_tflops: float | None   # None: MFU is not reported
+    peak_tflops: float | None   # of one device; None: MFU is not reported
+    devices: int
 
 
 def _flush(pending: list[dict], log: RunLog, state: dict[str, Any], timer: Timer,
            meter: _Meter, stop_at_fault: bool) -> tuple[_Fault | None, bool]:
     """Read the buffered steps back from the device (one wait) and log them.
 
-    Returns the first step that was not finite, if any (with `stop_at_fault` the records
-    end there: the run is about to stop), and whether any rank was signalled. Throughput is averaged over the steps read back
-    together: one step's time is not observable without a wait per step.
+    Returns, with `stop_at_fault`, the first step that was not finite (the records end
+    there: the run is about to stop), and whether any rank was signalled.
+    Throughput is averaged over the steps read back together: one step's time is not
+    observable without a wait per step.
     """
     with timer:  # waiting here for the queued steps to finish is training time too
         rows = torch.stack([p["figures"] for p in pending]).tolist()
@@ -385,7 +393,8 @@ def _flush(pending: list[dict], log: RunLog, state: dict[str, Any], timer: Timer
         state["samples"] += examples
         state["tokens"] += real
         state["units"] += units
-        tflops = meter.flops(real, examples, pairs) / per_step / 1e12
+        # Counts are summed over ranks: per device, to compare with one device's peak.
+        tflops = meter.flops(real, examples, pairs) / per_step / 1e12 / meter.devices
         record = {"step": p["step"], "epoch": round(p["epoch"], 4), "loss": loss, "lr": p["lr"],
                   "grad_norm": grad_norm, "samples_per_s": examples / per_step,
                   "tokens_per_s": real / per_step, "units": int(units),
@@ -395,10 +404,9 @@ def _flush(pending: list[dict], log: RunLog, state: dict[str, Any], timer: Timer
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             record["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
         log.step(record)
-        if not finite and fault is None:
+        if not finite and stop_at_fault:
             fault = _Fault(p["step"], loss, grad_norm)
-            if stop_at_fault:
-                break
+            break
     return fault, stopping
 
 

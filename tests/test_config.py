@@ -219,3 +219,19 @@ def test_config_file_overrides_demo_presets(monkeypatch, tmp_path):
     assert (cfg.lr, cfg.max_length) == (1e-3, 128)  # presets the file leaves alone
     cfg = main_config(monkeypatch, tmp_path, ["--demo", "--config", path, "--epochs", "2"])
     assert (cfg.epochs, cfg.batch_size) == (2, 8)
+
+
+def test_demo_from_a_config_file_brings_the_demo_presets(tmp_path):
+    def demo_parse(argv):
+        return parse_config(train_cls.ClsConfig, argv, train_cls.__doc__, train_cls.DEMO_FLAGS)
+
+    by_flag = demo_parse(["--demo"])
+    by_file = demo_parse(["--config", write(tmp_path / "c.yaml", "demo: true\n")])
+    by_file.config = None  # the one setting that differs: which file was read
+    assert by_file == by_flag and by_flag.lr == 1e-3 and by_flag.train_file
+    # The file's and the command line's settings still win over the presets.
+    mixed = demo_parse(["--config", write(tmp_path / "d.yaml", "demo: true\nlr: 0.01\n"),
+                        "--epochs", "2"])
+    assert (mixed.lr, mixed.epochs) == (0.01, 2.0)
+    assert demo_parse(["--config", str(tmp_path / "c.yaml"), "--no-demo", "--model", "m"]).lr \
+        == 2e-5

@@ -101,6 +101,23 @@ def test_latest_is_the_newest_complete_checkpoint(tmp_path):
         checkpoint.resolve(str(root / "step-000012"), tmp_path)
 
 
+def test_a_save_after_resuming_from_an_older_checkpoint_drops_the_abandoned_ones(tmp_path):
+    """Resumed from step 3 while steps 6 and 9 of the first attempt exist: saving step 4
+    keeps 3 and 4 (--keep-checkpoints 2), and `latest` is step 4, not the stale 9."""
+    from accelerate import Accelerator
+    root = tmp_path / "checkpoints"
+    for step in (3, 6, 9):
+        (root / f"step-{step:06d}").mkdir(parents=True)
+        (root / f"step-{step:06d}" / "trainer_state.json").write_text("{}")
+    model = torch.nn.Linear(2, 2)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    checkpoint.save(root, 4, accelerator, model, optimizer, {"step": 4}, keep=2)
+    assert [p.name for p in checkpoint.complete_checkpoints(root)] == ["step-000003",
+                                                                       "step-000004"]
+    assert checkpoint.resolve("latest", tmp_path) == root / "step-000004"
+
+
 def test_sigkill_while_saving_keeps_the_previous_checkpoint(tiny_model, tmp_path):
     out = tmp_path / "run"
     flags = demo(tiny_model, out, "--max-train-samples", "96", "--batch-size", "8",
@@ -171,9 +188,11 @@ def test_sigint_in_process_stops_with_130(tiny_model, tmp_path, monkeypatch, cap
         os.kill(os.getpid(), signal.SIGINT)
         return loss
 
-    at_forward(monkeypatch, 2, interrupt)
+    at_forward(monkeypatch, 3, interrupt)  # in step 3, between the read-backs (--log-every 2)
     out = tmp_path / "run"
-    assert run_cli(train_cls.main, demo(tiny_model, out, *SMALL)) == 128 + signal.SIGINT
+    assert run_cli(train_cls.main, demo(tiny_model, out, *SMALL, "--save-every", "5")) == \
+        128 + signal.SIGINT
+    # One process acts at once: the step in flight ends, is checkpointed, and the run stops.
     assert "interrupted at step 3 of 8" in capsys.readouterr().err
     assert [p.name for p in checkpoint.complete_checkpoints(out / "checkpoints")] == [
         "step-000003"]

@@ -53,6 +53,7 @@ def test_peak_is_the_given_one_or_a_known_gpus(monkeypatch):
     cuda = torch.device("cuda", 0)
     for name, peak in [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
                        ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                       ("NVIDIA H100 NVL", 835.0), ("NVIDIA L4", 121.0), ("NVIDIA L40", None),
                        ("NVIDIA GeForce GTX 1080", None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert peak_tflops(cuda, None) == peak, name

@@ -47,6 +47,8 @@ CASES = {
         lambda d: ["--resume-from", str(d)], "a sweep resumes each rank from its own directory"),
     "resume with nothing to resume": (lambda d: ["--resume-from", "latest"], "nothing to resume"),
     "fp16 on a CPU": (lambda d: ["--mixed-precision", "fp16"], "is not available here"),
+    "eval split of a local file": (  # the demo reads a local --train-file
+        lambda d: ["--eval-split", "validation"], "--eval-split names a split of --dataset"),
 }
 
 

@@ -72,7 +72,7 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
-    """A run sent SIGTERM during step 4: it stops after step 5, mid-epoch, between saves."""
+    """A run sent SIGTERM during step 4: it stops after step 4, mid-epoch, between saves."""
     out = tmp_path_factory.mktemp("resume") / "interrupted"
     with pytest.MonkeyPatch.context() as mp:
         interrupt_at_forward(mp, 7, lambda: os.kill(os.getpid(), signal.SIGTERM))
@@ -88,26 +88,26 @@ def test_reference_keeps_only_the_last_checkpoints(reference):
     assert not list((reference / "checkpoints").glob(".tmp-*"))
 
 
-def test_sigterm_checkpoints_at_the_next_step_and_says_how_to_resume(interrupted, capsys):
+def test_sigterm_checkpoints_after_the_step_in_flight(interrupted):
     kept = [p.name for p in checkpoint.complete_checkpoints(interrupted / "checkpoints")]
-    assert kept == ["step-000003", "step-000005"]
+    assert kept == ["step-000003", "step-000004"]
     steps = [r["step"] for r in records(interrupted) if r["type"] == "train"]
-    assert steps == list(range(1, 6))
+    assert steps == list(range(1, 5))
 
 
 def test_checkpoint_holds_everything_needed_to_continue(interrupted):
-    path = interrupted / "checkpoints" / "step-000005"
+    path = interrupted / "checkpoints" / "step-000004"
     state = json.loads((path / "trainer_state.json").read_text())
-    # Counters and the position in the epoch: 5 steps of 2 micro-batches into epoch 0.
-    assert (state["step"], state["epoch"], state["micro_done"]) == (5, 0, 10)
+    # Counters and the position in the epoch: 4 steps of 2 micro-batches into epoch 0.
+    assert (state["step"], state["epoch"], state["micro_done"]) == (4, 0, 8)
     assert state["plan"]["total_steps"] == TOTAL_STEPS  # the schedule the resumed run must keep
-    assert state["samples"] == 5 * 16
+    assert state["samples"] == 4 * 16
     assert not (interrupted / "model").exists()  # an interrupted run writes no final model
     model = torch.load(path / "model.pt", weights_only=True)
     assert len(model) > 10 and all(t.dtype == torch.float32 for t in model.values())
     optimizer = torch.load(path / "optimizer.pt", weights_only=True)
     assert len(optimizer["state"]) == len(model)  # moments for every trainable weight
-    assert all(float(s["step"]) == 5 for s in optimizer["state"].values())
+    assert all(float(s["step"]) == 4 for s in optimizer["state"].values())
     assert {"exp_avg", "exp_avg_sq"} <= set(optimizer["state"][0])
     rng = torch.load(path / "rng_rank0.pt", weights_only=False)
     assert {"python", "numpy", "torch"} <= set(rng)
