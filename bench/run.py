@@ -45,6 +45,10 @@ WORKLOADS = {
                       lr=2e-5, batch_size=16, epochs=1, max_length=512, weight_decay=0.01),
     "cls-long": dict(kind="cls", gpu=False, model="minilm", data="long", lr=2e-5,
                      batch_size=16, epochs=1, max_length=512, weight_decay=0.01),
+    # A model too small to keep a CPU busy: what is left is each side's per-step host
+    # work, the regime a small model is in on a GPU.
+    "cls-tiny": dict(kind="cls", gpu=False, model="distilbert-tiny", data="sst2", n_train=4000,
+                     lr=2e-5, batch_size=16, epochs=1, max_length=512, weight_decay=0.01),
     "lora": dict(kind="lm", gpu=False, model="llama-small", data="alpaca", lr=2e-4,
                  batch_size=8, epochs=1, max_length=512, weight_decay=0.0),
     "gpu-distilbert": dict(kind="cls", gpu=True, model="distilbert-base", data="long", lr=2e-5,
@@ -125,8 +129,9 @@ def prepare(name: str, spec: dict, args, work: Path, on_gpu: bool) -> dict:
             if not minilm.exists():
                 raise Skip(f"model not found: {minilm}")
             job["model_dir"] = str(minilm)
-        else:  # DistilBERT-base architecture, random weights, BERT-uncased vocabulary
-            job["model_dir"] = str(save_distilbert(wdir / "model", minilm, train))
+        else:  # DistilBERT-base or tiny architecture, random weights, BERT-uncased vocabulary
+            job["model_dir"] = str(save_distilbert(wdir / "model", minilm, train,
+                                                   tiny=spec["model"] == "distilbert-tiny"))
         return job
 
     # Causal LM with LoRA: both sides read the same rows, tokenizer and base weights.
@@ -182,9 +187,11 @@ def save_llama(out: Path, spec: dict, train: list[dict], on_gpu: bool) -> Path:
     return out
 
 
-def save_distilbert(out: Path, minilm: Path, train: list[dict]) -> Path:
+def save_distilbert(out: Path, minilm: Path, train: list[dict], tiny: bool = False) -> Path:
     import torch
     from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+
+    from core.demo import tiny_distilbert_config
     if minilm.exists():
         tokenizer = AutoTokenizer.from_pretrained(minilm)   # the BERT-uncased vocabulary
     else:
@@ -192,7 +199,9 @@ def save_distilbert(out: Path, minilm: Path, train: list[dict]) -> Path:
         tokenizer = wordpiece_tokenizer([r["text"] for r in train], vocab_size=30522,
                                         max_length=512)
     torch.manual_seed(0)
-    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=30522, num_labels=2))
+    config = (tiny_distilbert_config(30522, 2, 512) if tiny else
+              DistilBertConfig(vocab_size=30522, num_labels=2))
+    model = DistilBertForSequenceClassification(config)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

