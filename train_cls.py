@@ -99,9 +99,10 @@ def load_model(cfg: ClsConfig, config):
     """The classifier: pretrained weights with a new head, or built tiny for --demo."""
     from transformers import AutoModelForSequenceClassification
     if cfg.uses_demo_model():
-        return AutoModelForSequenceClassification.from_config(config)
+        return AutoModelForSequenceClassification.from_config(
+            config, attn_implementation=cfg.attn_implementation)
     return load_pretrained(AutoModelForSequenceClassification.from_pretrained, cfg.model,
-                           "model", config=config)
+                           "model", config=config, attn_implementation=cfg.attn_implementation)
 
 
 def main(argv: list[str] | None = None) -> int:

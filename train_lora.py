@@ -259,7 +259,8 @@ def build_lora_model(source: str, r: int, cfg: LoraRunConfig, dtype: torch.dtype
     from transformers import AutoModelForCausalLM
 
     set_seed(cfg.seed)  # every rank starts from the same adapter initialisation draws
-    base = load_pretrained(AutoModelForCausalLM.from_pretrained, source, "model", dtype=dtype)
+    base = load_pretrained(AutoModelForCausalLM.from_pretrained, source, "model", dtype=dtype,
+                           attn_implementation=cfg.attn_implementation)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing back-propagates into the LoRA weights even
         # though no input of a checkpointed block (the frozen embeddings) needs a gradient.

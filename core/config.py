@@ -65,6 +65,10 @@ class TrainConfig:
                                                "(default: 64 on a GPU, to bound the number of "
                                                "kernel shapes; 1 on CPU, where padding is pure cost)")
     group_by_length: bool = opt(True, "batch examples of similar length (shuffled, seeded) to cut padding")
+    attn_implementation: str = opt("sdpa", "attention kernel: sdpa (PyTorch's fused attention), "
+                                           "eager (plain matrix products) or flash_attention_2 "
+                                           "(needs the flash-attn package and a GPU)",
+                                    choices=["sdpa", "eager", "flash_attention_2"])
     compile: bool = opt(False, "torch.compile the model: the first steps (and evaluation) wait "
                                "while it compiles; later steps are faster, mostly on a GPU")
     return_cpu_memory: bool = opt(True, "on a CPU (glibc): unmap freed tensor memory at once, so "
@@ -128,6 +132,13 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise fail(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}",
                        "pass a fraction such as 0.1")
+        if self.attn_implementation == "flash_attention_2":
+            from transformers.utils import is_flash_attn_2_available
+            if not is_flash_attn_2_available():
+                raise fail("--attn-implementation flash_attention_2 needs the flash-attn package "
+                           "and a CUDA GPU, and this machine lacks one of them",
+                           "pip install flash-attn on a GPU machine, or use "
+                           "--attn-implementation sdpa")
         if not self.model and not self.demo:
             raise fail("no model given", "pass --model NAME_OR_DIR, or --demo")
 

@@ -139,6 +139,9 @@ CASES = [
     ("zero-peak-tflops", lambda a: base(a) + ["--peak-tflops", "0"],
      "--peak-tflops must be positive"),
     ("zero-log-every", lambda a: base(a) + ["--log-every", "0"], "--log-every is out of range"),
+    ("flash-attention-unavailable",  # neither the flash-attn package nor a GPU here
+     lambda a: base(a) + ["--attn-implementation", "flash_attention_2"],
+     "needs the flash-attn package"),
 ]
 
 

@@ -74,3 +74,27 @@ def test_log_reports_tflops_and_mfu_against_the_given_peak(tmp_path):
     assert train_cls.main(flags + ["--overwrite"]) == 0
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert all("tflops" in r and "mfu" not in r for r in records if r["type"] == "train")
+
+
+def test_attention_kernel_is_the_one_asked_for(tmp_path, monkeypatch):
+    """--attn-implementation reaches the model: SDPA is called with sdpa and not with eager,
+    and the two kernels train alike (the demo model has dropout, so only approximately)."""
+    calls = {"n": 0}
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    losses = {}
+    for kernel in ("sdpa", "eager"):
+        calls["n"] = 0
+        out = tmp_path / kernel
+        assert train_cls.main(["--demo", "--max-steps", "2", "--max-train-samples", "32",
+                               "--max-eval-samples", "16", "--output-dir", str(out),
+                               "--attn-implementation", kernel]) == 0
+        assert (calls["n"] > 0) == (kernel == "sdpa")
+        losses[kernel] = [json.loads(line)["loss"] for line in
+                          (out / "train_log.jsonl").read_text().splitlines() if '"train"' in line]
+    assert losses["sdpa"][0] == pytest.approx(losses["eager"][0], abs=0.05)
