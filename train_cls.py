@@ -19,7 +19,7 @@ from core.data import load_split, require_columns, take
 from core.demo import data_file, tiny_distilbert_config, wordpiece_tokenizer
 from core.errors import fail, run_cli
 from core.loop import TrainData, make_accelerator, plan_steps, train
-from core.pretrained import load_pretrained, max_positions
+from core.pretrained import check_max_length, load_pretrained
 from eval.classification import plot_confusion_matrix
 from tasks.classification import ClassificationTask, label_map, tokenize
 
@@ -88,10 +88,7 @@ def model_config(cfg: ClsConfig, labels, vocab_size: int):
         config.update({k: v for k, v in label_kwargs.items() if k != "num_labels"})
         return config
     config = load_pretrained(AutoConfig.from_pretrained, cfg.model, "model", **label_kwargs)
-    limit = max_positions(config)
-    if limit is not None and cfg.max_length > limit:
-        raise fail(f"--max-length {cfg.max_length} is above {cfg.model}'s limit of {limit} tokens",
-                   f"pass --max-length {limit} or less")
+    check_max_length(config, cfg.max_length, cfg.model)
     return config
 
 

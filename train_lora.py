@@ -20,19 +20,17 @@ import dataclasses
 import json
 import math
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from core import checkpoint, run_dir
-from core.collate import pad_batch
 from core.config import TrainConfig, opt, parse_config
 from core.data import load_file, load_split, take
 from core.demo import bpe_tokenizer, data_file, tiny_llama_config
 from core.errors import fail, run_cli
 from core.loop import TrainData, make_accelerator, plan_steps, train
-from core.pretrained import load_pretrained, max_positions
+from core.pretrained import check_max_length, load_pretrained
 from eval.lm import plot_loss_vs_r
 from tasks.instruct import (ALPACA_WITH_INPUT, CausalLMTask, Columns, Encoded, encode,
                             pair_examples, prompt_template, split_eval, to_examples)
@@ -216,10 +214,7 @@ def model_config(cfg: LoraRunConfig, tokenizer):
         return config
     from transformers import AutoConfig
     config = load_pretrained(AutoConfig.from_pretrained, cfg.model, "model config")
-    limit = max_positions(config)
-    if limit is not None and cfg.max_length > limit:
-        raise fail(f"--max-length {cfg.max_length} is above {cfg.model}'s limit of {limit} tokens",
-                   f"pass --max-length {limit} or less")
+    check_max_length(config, cfg.max_length, cfg.model)
     return config
 
 
@@ -279,7 +274,7 @@ def finished_metrics(r_dir: Path, cfg: LoraRunConfig) -> dict | None:
     return json.loads(path.read_text()) if cfg.resume_from and path.is_file() else None
 
 
-def run_rank(r: int, source: str, cfg: LoraRunConfig, data: TrainData, eval_rows: list[dict],
+def run_rank(r: int, source: str, cfg: LoraRunConfig, task: CausalLMTask, data: TrainData,
              tokenizer, accelerator, r_dir: Path, baseline: dict | None) -> dict:
     """Train one rank into r_dir and save its adapter; return its metrics.
 
@@ -288,8 +283,6 @@ def run_rank(r: int, source: str, cfg: LoraRunConfig, data: TrainData, eval_rows
     dtype = base_dtype(accelerator, cfg.mixed_precision)
     model = build_lora_model(source, r, cfg, dtype).to(accelerator.device)
     trainable, total = model.get_nb_trainable_parameters()
-    task = CausalLMTask(eval_rows, tokenizer.pad_token_id, cfg.eval_batch_size, accelerator,
-                        cfg.pad_multiple(accelerator.device))
     if baseline is None:
         # LoRA's B matrices start at zero, so the untrained model is the base model:
         # one evaluation serves as every rank's step 0.
@@ -416,15 +409,16 @@ def main(argv: list[str] | None = None) -> int:
             save_demo_base(config, cfg.seed, Path(source))
     accelerator.wait_for_everyone()
 
-    data = TrainData(train_enc.rows, partial(pad_batch, pad_id=tokenizer.pad_token_id,
-                                             multiple=cfg.pad_multiple(accelerator.device)),
-                     [len(r["input_ids"]) for r in train_enc.rows])
+    # One task and one batching for every rank: nothing in them depends on r.
+    task = CausalLMTask(eval_enc.rows, tokenizer.pad_token_id, cfg.eval_batch_size, accelerator,
+                        cfg.pad_multiple(accelerator.device))
+    data = TrainData(train_enc.rows, task.collate, [len(r["input_ids"]) for r in train_enc.rows])
     results, baseline = [], None
     for r, r_dir in rank_dirs.items():
         metrics = finished_metrics(r_dir, cfg)
         if metrics is None:
             accelerator.print(f"— LoRA r={r}, alpha={cfg.alpha(r):g} —")
-            metrics = run_rank(r, source, cfg, data, eval_enc.rows, tokenizer, accelerator, r_dir,
+            metrics = run_rank(r, source, cfg, task, data, tokenizer, accelerator, r_dir,
                                baseline)
         baseline = baseline or {"loss": metrics["eval_loss_before"]}
         results.append(metrics)

@@ -166,6 +166,7 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
     device, ckpt_root = accelerator.device, out_dir / "checkpoints"
     if device.type == "cpu" and cfg.return_cpu_memory:
         host_memory.map_large_blocks()
+    # Counted before prepare(): a data-parallel wrapper hides the model's config.
     flops = StepFlops(model)
     optimizer = build_adamw(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
                             cfg.adam_eps)
@@ -323,12 +324,14 @@ def _optimizer_step(optimizer, accelerator, finite: torch.Tensor) -> torch.Tenso
             del inner.found_inf
         return finite
     applied = bool(finite)
-    before = scaler.get_scale() if scaler is not None else None
-    if applied:
-        optimizer.step()
-    elif scaler is not None:
+    if scaler is None:
+        if applied:
+            optimizer.step()
+    elif not applied:
         scaler.update()  # ends the step clipping unscaled, as step() would have
-    if applied and scaler is not None:
+    else:
+        before = scaler.get_scale()
+        optimizer.step()
         # The scaler lowers its scale exactly when it skips. (Accelerate's step_was_skipped
         # misses skips a fused optimizer makes inside its kernel, as ours does.)
         applied = scaler.get_scale() >= before
@@ -383,6 +386,8 @@ def _flush(pending: list[dict], log: RunLog, state: dict[str, Any], timer: Timer
         rows = torch.stack([p["figures"] for p in pending]).tolist()
     per_step = max(timer.elapsed - state["logged_s"], 1e-9) / len(pending)
     state["logged_s"] = timer.elapsed
+    peak_mem = (torch.cuda.max_memory_allocated() / 2**20
+                if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
     stopping, fault = False, None
     for p, (units, examples, real, padded, pairs, signal_, loss, grad_norm, finite,
             applied) in zip(pending, rows):
@@ -401,8 +406,8 @@ def _flush(pending: list[dict], log: RunLog, state: dict[str, Any], timer: Timer
                   "padding": 1 - real / padded, "tflops": tflops, "skipped": state["skipped"]}
         if meter.peak_tflops:
             record["mfu"] = tflops / meter.peak_tflops
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            record["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        if peak_mem is not None:
+            record["peak_mem_mib"] = peak_mem
         log.step(record)
         if not finite and stop_at_fault:
             fault = _Fault(p["step"], loss, grad_norm)

@@ -28,3 +28,11 @@ def max_positions(config: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def check_max_length(config: Any, max_length: int, model_name: str) -> None:
+    """--max-length must fit the model's position table."""
+    limit = max_positions(config)
+    if limit is not None and max_length > limit:
+        raise fail(f"--max-length {max_length} is above {model_name}'s limit of {limit} tokens",
+                   f"pass --max-length {limit} or less")

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from core.batching import eval_batches
+from eval.classification import PLOT_DPI
 
 IGNORE = -100  # the label of a token that is not a target
-PLOT_DPI = 120
 
 
 def target_count(labels: torch.Tensor) -> torch.Tensor:
