@@ -18,7 +18,8 @@ from core.config import TrainConfig, opt, parse_config
 from core.data import load_split, require_columns, take
 from core.demo import data_file, tiny_distilbert_config, wordpiece_tokenizer
 from core.errors import fail, run_cli
-from core.loop import TrainData, make_accelerator, plan_steps, train
+from core.loop import TrainData, plan_steps, train
+from core.parallel import Agreement, check_fsdp, gathered_weights, make_accelerator
 from core.pretrained import check_max_length, load_pretrained
 from eval.classification import plot_confusion_matrix
 from tasks.classification import ClassificationTask, label_map, tokenize
@@ -108,21 +109,28 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ClsConfig, argv, __doc__, DEMO_FLAGS)
     accelerator = make_accelerator(cfg.mixed_precision)
     out_dir = run_dir.choose(cfg.output_dir, "cls-demo" if cfg.demo else "cls", accelerator)
-    run_dir.check_writable(out_dir, cfg.overwrite, bool(cfg.resume_from))
-    if cfg.resume_from:  # a checkpoint that is not there is bad input: say so before writing
-        checkpoint.resolve(cfg.resume_from, out_dir)
     set_seed(cfg.seed)
 
-    # Everything that can fail on bad input happens before the first file is written.
-    train_raw, eval_raw = load_rows(cfg)
-    labels = label_map(train_raw, cfg.label_column)
-    tokenizer = load_tokenizer(cfg, train_raw)
-    config = model_config(cfg, labels, len(tokenizer))
-    config.pad_token_id = tokenizer.pad_token_id  # models that pool the last token find it by this
-    columns = (cfg.text_column, cfg.text_pair_column, cfg.label_column)
-    train_rows = tokenize(train_raw, tokenizer, *columns, labels, cfg.max_length, "the training data")
-    eval_rows = tokenize(eval_raw, tokenizer, *columns, labels, cfg.max_length, "the eval data")
-    plan_steps(len(train_rows), cfg, accelerator.num_processes)  # can one batch be filled?
+    # Everything that can fail on bad input happens before the first file is written,
+    # and on every rank alike (see core.parallel.Agreement).
+    with Agreement(accelerator) as agreed:
+        check_fsdp(accelerator, cfg)
+        run_dir.check_writable(out_dir, cfg.overwrite, bool(cfg.resume_from))
+        if cfg.resume_from:  # a checkpoint that is not there is bad input: say so now
+            checkpoint.resolve(cfg.resume_from, out_dir)
+        train_raw, eval_raw = load_rows(cfg)
+        labels = label_map(train_raw, cfg.label_column)
+        tokenizer = load_tokenizer(cfg, train_raw)
+        config = model_config(cfg, labels, len(tokenizer))
+        config.pad_token_id = tokenizer.pad_token_id  # last-token pooling models find it by this
+        columns = (cfg.text_column, cfg.text_pair_column, cfg.label_column)
+        train_rows = tokenize(train_raw, tokenizer, *columns, labels, cfg.max_length,
+                              "the training data")
+        eval_rows = tokenize(eval_raw, tokenizer, *columns, labels, cfg.max_length,
+                             "the eval data")
+        plan_steps(len(train_rows), cfg, accelerator.num_processes)  # can a batch be filled?
+        agreed.what = {**cfg.to_dict(), "training data": checkpoint.data_fingerprint(train_rows),
+                       "eval data": checkpoint.data_fingerprint(eval_rows)}
     model = load_model(cfg, config)  # last: the weights are the slow part
 
     if accelerator.is_main_process:
@@ -140,19 +148,23 @@ def main(argv: list[str] | None = None) -> int:
     data = TrainData(train_rows, task.collate, [len(r["input_ids"]) for r in train_rows])
     result = train(model, task, data, cfg, accelerator, out_dir)
 
+    # Under --fsdp every rank hands in its shards; rank 0 writes the whole model.
+    weights = gathered_weights(model, trainable_only=False) if cfg.fsdp else None
     if accelerator.is_main_process:
-        write_outputs(out_dir, result, task, labels, accelerator.unwrap_model(model), tokenizer)
+        write_outputs(out_dir, result, task, labels, accelerator.unwrap_model(model), tokenizer,
+                      weights)
     # Tear down the process group: one left alive at interpreter exit can abort the process.
     accelerator.end_training()
     return 0
 
 
 def write_outputs(out_dir: Path, result: dict, task: ClassificationTask, labels, model,
-                  tokenizer) -> None:
+                  tokenizer, weights: dict | None) -> None:
     metrics = {**result["eval"], "train_s": result["train_s"],
                "train_samples_per_s": result["train_samples_per_s"],
                "train_loss": result["train_loss"], "steps": result["steps"],
-               "skipped_steps": result["skipped_steps"]}
+               "skipped_steps": result["skipped_steps"],
+               "state_mib_per_device": result["state_mib_per_device"]}
     run_dir.write_json(out_dir / "metrics.json", metrics)
     with (out_dir / "predictions.jsonl").open("w") as f:
         for row in task.predictions:
@@ -160,7 +172,7 @@ def write_outputs(out_dir: Path, result: dict, task: ClassificationTask, labels,
     plot_confusion_matrix(metrics["confusion_matrix"], labels.names,
                           out_dir / "confusion_matrix.png",
                           title=f"{out_dir.name}: accuracy {metrics['accuracy']:.2%}")
-    model.save_pretrained(out_dir / "model")
+    model.save_pretrained(out_dir / "model", state_dict=weights)  # None: the model's own
     tokenizer.save_pretrained(out_dir / "model")
     print(f"accuracy {metrics['accuracy']:.4f}  precision {metrics['precision']:.4f}  "
           f"recall {metrics['recall']:.4f}  f1 {metrics['f1']:.4f}  "

@@ -29,7 +29,8 @@ from core.config import TrainConfig, opt, parse_config
 from core.data import load_file, load_split, take
 from core.demo import bpe_tokenizer, data_file, tiny_llama_config
 from core.errors import fail, run_cli
-from core.loop import TrainData, make_accelerator, plan_steps, train
+from core.loop import TrainData, plan_steps, train
+from core.parallel import Agreement, check_fsdp, gathered_weights, make_accelerator
 from core.pretrained import check_max_length, load_pretrained
 from eval.lm import plot_loss_vs_r
 from tasks.instruct import (ALPACA_WITH_INPUT, CausalLMTask, Columns, Encoded, encode,
@@ -300,9 +301,14 @@ def run_rank(r: int, source: str, cfg: LoraRunConfig, task: CausalLMTask, data: 
                "train_target_tokens_per_s": result["train_units_per_s"],
                "train_samples_per_s": result["train_samples_per_s"], "train_s": result["train_s"],
                "steps": result["steps"], "skipped_steps": result["skipped_steps"],
-               "n_eval_tokens": result["eval"]["n_eval_tokens"]}
+               "n_eval_tokens": result["eval"]["n_eval_tokens"],
+               "state_mib_per_device": result["state_mib_per_device"]}
+    # Under --fsdp every rank hands in its shards of the adapter; rank 0 writes it whole.
+    weights = gathered_weights(model, trainable_only=True) if cfg.fsdp else None
     if accelerator.is_main_process:
-        save_rank(accelerator.unwrap_model(model), tokenizer, metrics, r_dir, cfg.merge)
+        save_rank(accelerator.unwrap_model(model), tokenizer, metrics, r_dir, weights)
+        if cfg.merge:
+            save_merged(model if weights is None else None, source, dtype, tokenizer, r_dir)
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # the shared accelerator drops its references to this model
     return metrics
@@ -319,16 +325,27 @@ def read_log(r_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (r_dir / "train_log.jsonl").read_text().splitlines()]
 
 
-def save_rank(model, tokenizer, metrics: dict, r_dir: Path, merge: bool) -> None:
+def save_rank(model, tokenizer, metrics: dict, r_dir: Path, weights: dict | None) -> None:
+    """The adapter (from `weights` when the model is sharded), tokenizer and metrics."""
     # The base's embeddings are never resized here, so the adapter need not carry them
     # (peft would copy lm_head whole into the adapter when lm_head is a target).
-    model.save_pretrained(r_dir / "adapter", save_embedding_layers=False)
+    model.save_pretrained(r_dir / "adapter", save_embedding_layers=False, state_dict=weights)
     tokenizer.save_pretrained(r_dir / "adapter")
     run_dir.write_json(r_dir / "metrics.json", metrics)
-    if merge:  # last: merging folds the adapter into the base weights for good
-        merged = model.merge_and_unload()
-        merged.save_pretrained(r_dir / "merged")
-        tokenizer.save_pretrained(r_dir / "merged")
+
+
+def save_merged(model, source: str, dtype: torch.dtype, tokenizer, r_dir: Path) -> None:
+    """The base with the adapter folded in, to r_dir/merged. A sharded model (None here)
+    cannot merge in place: the base is loaded whole on this rank and the saved adapter
+    put onto it, as a user would."""
+    if model is None:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = PeftModel.from_pretrained(base, r_dir / "adapter")
+    merged = model.merge_and_unload()  # last: merging folds the adapter into the base for good
+    merged.save_pretrained(r_dir / "merged")
+    tokenizer.save_pretrained(r_dir / "merged")
 
 
 def write_sweep(out_dir: Path, results: list[dict]) -> None:
@@ -368,22 +385,30 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = make_accelerator(cfg.mixed_precision)
     out_dir = run_dir.choose(cfg.output_dir, "lora-demo" if cfg.demo else "lora", accelerator)
     resuming = bool(cfg.resume_from)
-    run_dir.check_writable(out_dir, cfg.overwrite, resuming)
-    if resuming and not any((d / "metrics.json").is_file()
-                            or checkpoint.complete_checkpoints(d / "checkpoints")
-                            for d in out_dir.glob("r*")):
-        raise fail(f"nothing to resume in {out_dir}: no rank has a checkpoint or metrics.json",
-                   "drop --resume-from, or point --output-dir at the interrupted sweep")
 
-    # Everything that can fail on bad input happens before the first file is written.
-    train_examples, eval_examples, n_added = load_examples(cfg)
-    template = prompt_template(cfg.prompt_template, cfg.prompt_template_no_input)
-    tokenizer = load_tokenizer(cfg, train_examples)
-    config = model_config(cfg, tokenizer)
-    check_target_modules(config, cfg.targets, cfg.model)
-    train_enc = encode(train_examples, template, tokenizer, cfg.max_length, "the training data")
-    eval_enc = encode(eval_examples, template, tokenizer, cfg.max_length, "the eval data")
-    plan_steps(len(train_enc.rows), cfg, accelerator.num_processes)  # can one batch be filled?
+    # Everything that can fail on bad input happens before the first file is written,
+    # and on every rank alike (see core.parallel.Agreement).
+    with Agreement(accelerator) as agreed:
+        check_fsdp(accelerator, cfg)
+        run_dir.check_writable(out_dir, cfg.overwrite, resuming)
+        if resuming and not any((d / "metrics.json").is_file()
+                                or checkpoint.complete_checkpoints(d / "checkpoints")
+                                for d in out_dir.glob("r*")):
+            raise fail(f"nothing to resume in {out_dir}: no rank has a checkpoint or "
+                       f"metrics.json", "drop --resume-from, or point --output-dir at the "
+                       "interrupted sweep")
+        train_examples, eval_examples, n_added = load_examples(cfg)
+        template = prompt_template(cfg.prompt_template, cfg.prompt_template_no_input)
+        tokenizer = load_tokenizer(cfg, train_examples)
+        config = model_config(cfg, tokenizer)
+        check_target_modules(config, cfg.targets, cfg.model)
+        train_enc = encode(train_examples, template, tokenizer, cfg.max_length,
+                           "the training data")
+        eval_enc = encode(eval_examples, template, tokenizer, cfg.max_length, "the eval data")
+        plan_steps(len(train_enc.rows), cfg, accelerator.num_processes)  # a batch filled?
+        agreed.what = {**cfg.to_dict(),
+                       "training data": checkpoint.data_fingerprint(train_enc.rows),
+                       "eval data": checkpoint.data_fingerprint(eval_enc.rows)}
     report_encoding(train_enc, eval_enc, n_added, accelerator)
 
     rank_dirs = {r: out_dir / f"r{r}" for r in cfg.lora_r}

@@ -47,8 +47,18 @@ def eval_batches(n: int, batch_size: int, world: int, rank: int,
     Unlike a distributed sampler, nothing is padded with duplicates, so metrics
     gathered from all ranks count each example once. Sorting the shard by length
     keeps padding low; results carry their indices, so order does not matter.
+    Every rank gets as many batches as rank 0 (whose shard is the largest); a rank
+    with fewer rows gets empty batches at the end, on which it runs a filler forward
+    pass (`filler`): sharded weights (--fsdp) are gathered inside each forward, so
+    all ranks must take part in every one.
     """
     shard = list(range(rank, n, world))
     if lengths is not None:
         shard.sort(key=lambda i: -lengths[i])
-    return [shard[start:start + batch_size] for start in range(0, len(shard), batch_size)]
+    most = -(-len(range(0, n, world)) // batch_size)
+    return [shard[start:start + batch_size] for start in range(0, most * batch_size, batch_size)]
+
+
+def filler(idx: list[int]) -> list[int]:
+    """The rows an eval batch runs: its own, or row 0 for an empty one (results dropped)."""
+    return idx or [0]

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory `checkpoints/step-000123/` with the trainable weights,
 the optimizer (and fp16 gradient scaler), the loop's counters and every rank's RNG
-states. It is written under a temporary name and renamed into place: rename is
+states. Under --fsdp the weights and optimizer state are written as each rank's
+shards (`sharded/`, torch.distributed.checkpoint) instead of `model.pt`/`optimizer.pt`. It is written under a temporary name and renamed into place: rename is
 atomic, so a process killed while saving leaves the previous checkpoints intact
 and no half-written `step-*` directory behind.
 """
@@ -17,9 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from core import parallel
 from core.errors import fail
 
 PREFIX = "step-"
+SHARDED = "sharded"  # under --fsdp: every rank's shards of weights and optimizer state
 
 
 def rng_state() -> dict[str, Any]:
@@ -58,11 +61,13 @@ def save(ckpt_root: Path, step: int, accelerator, model: torch.nn.Module,
     accelerator.wait_for_everyone()
     # Each rank draws its own dropout masks, so each keeps its own RNG states.
     torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
+    if parallel.is_sharded(model):  # every rank writes its own shards
+        _save_sharded(tmp / SHARDED, model, optimizer.optimizer)
+    elif accelerator.is_main_process:
         torch.save(trainable_state(accelerator.unwrap_model(model)), tmp / "model.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+    if accelerator.is_main_process and accelerator.scaler is not None:
+        torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # Written last: its presence marks every other file as complete.
@@ -128,19 +133,60 @@ def load(path: Path, accelerator, model: torch.nn.Module, optimizer: torch.optim
                    + ", ".join(f"{k}={saved[k]}" for k in changed) + "; this run has "
                    + ", ".join(f"{k}={plan[k]}" for k in changed),
                    "resume with the original run's settings, data and tokenizer (see its "
-                   "config.json) and number of processes")
-    weights = torch.load(path / "model.pt", weights_only=True)
-    unwrapped = accelerator.unwrap_model(model)
-    params = dict(unwrapped.named_parameters())
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+                   "config.json)" + _layout_hint(saved, changed))
+    if parallel.is_sharded(model):
+        _load_sharded(path / SHARDED, model, optimizer.optimizer)
+    else:
+        weights = torch.load(path / "model.pt", weights_only=True)
+        params = dict(accelerator.unwrap_model(model).named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     set_rng_state(torch.load(path / f"rng_rank{accelerator.process_index}.pt",
                              weights_only=False))
     return state
+
+
+def _layout_hint(saved: dict[str, Any], changed: list[str]) -> str:
+    """How to launch a resume of a checkpoint written by another number of processes or
+    another sharding: its batch layout and (under FSDP) its shards follow from both."""
+    hint = ""
+    if "world_size" in changed:
+        hint += (f", launched as {saved['world_size']} process(es) (torchrun --nproc_per_node "
+                 f"{saved['world_size']})")
+    if "fsdp" in changed:
+        hint += ", with --fsdp" if saved["fsdp"] else ", without --fsdp"
+    return hint
+
+
+def _save_sharded(directory: Path, model: torch.nn.Module, optimizer) -> None:
+    """Each rank writes its shards of the trainable weights and the optimizer state
+    (torch.distributed.checkpoint); no rank ever holds them whole."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    weights, optim = get_state_dict(model, optimizer)
+    dcp.save({"model": _trainable_only(model, weights), "optimizer": optim},
+             checkpoint_id=directory)
+
+
+def _load_sharded(directory: Path, model: torch.nn.Module, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                         set_state_dict)
+    weights, optim = get_state_dict(model, optimizer)  # the layout the shards load into
+    state = {"model": _trainable_only(model, weights), "optimizer": optim}
+    dcp.load(state, checkpoint_id=directory)
+    # strict=False: a LoRA checkpoint holds the adapters, not the frozen base.
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"], options=StateDictOptions(strict=False))
+
+
+def _trainable_only(model: torch.nn.Module, weights: dict[str, Any]) -> dict[str, Any]:
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {name: w for name, w in weights.items() if name in trainable}
 
 
 def data_fingerprint(rows) -> str:

@@ -71,6 +71,9 @@ class TrainConfig:
                                     choices=["sdpa", "eager", "flash_attention_2"])
     compile: bool = opt(False, "torch.compile the model: the first steps (and evaluation) wait "
                                "while it compiles; later steps are faster, mostly on a GPU")
+    fsdp: bool = opt(False, "shard weights, gradients and optimizer state across the launched "
+                            "processes (FSDP2, one unit per transformer block) instead of a "
+                            "whole copy per process: for models that outgrow one device")
     return_cpu_memory: bool = opt(True, "on a CPU (glibc): unmap freed tensor memory at once, so "
                                         "peak RSS is live tensors, not heap fragmentation")
     peak_tflops: float | None = opt(None, "one device's peak in TFLOP/s, for MFU in the log "

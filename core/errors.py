@@ -7,6 +7,7 @@ single line. Programming errors still raise normally: they are ours to fix.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -24,5 +25,7 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     try:
         return main(argv)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # Every rank of a launched job meets the same error (core.parallel.Agreement): one says it.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
         return getattr(err, "code", 2)  # a deliberate stop (core.loop.Stopped) sets its own

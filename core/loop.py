@@ -37,14 +37,13 @@ tokenised data): anything else would change the schedule or the batches.
 
 import math
 import signal
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
-from core import checkpoint, host_memory
+from core import checkpoint, host_memory, parallel
 from core.batching import train_batches
 from core.config import TrainConfig
 from core.errors import UsageError
@@ -113,17 +112,6 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
-def make_accelerator(mixed_precision: str):
-    """Accelerate's state for this process; a precision the device lacks is bad input."""
-    from accelerate import Accelerator
-    try:
-        return Accelerator(mixed_precision=mixed_precision)
-    except ValueError as err:  # e.g. fp16 on a CPU, bf16 on a GPU without it
-        raise UsageError(f"--mixed-precision {mixed_precision} is not available here "
-                         f"({str(err).splitlines()[0][:160]}) — pick another --mixed-precision, "
-                         f"or 'no'") from None
-
-
 def plan_steps(n_rows: int, cfg: TrainConfig, world: int) -> tuple[int, int]:
     """(micro-batches per epoch on each rank, total optimizer steps of the run)."""
     micro_per_epoch = len(train_batches(n_rows, cfg.batch_size, world, 0, cfg.seed, 0))
@@ -160,7 +148,7 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
     # What fixes the schedule and the batches: a resumed run must agree on all of it.
     plan = {"total_steps": total_steps, "world_size": world, "batch_size": cfg.batch_size,
             "grad_accum": cfg.grad_accum, "seed": cfg.seed, "group_by_length": cfg.group_by_length,
-            "warmup_steps": warmup, "train_rows": len(data.rows),
+            "warmup_steps": warmup, "train_rows": len(data.rows), "fsdp": cfg.fsdp,
             "train_data": checkpoint.data_fingerprint(data.rows)}
 
     device, ckpt_root = accelerator.device, out_dir / "checkpoints"
@@ -168,14 +156,19 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
         host_memory.map_large_blocks()
     # Counted before prepare(): a data-parallel wrapper hides the model's config.
     flops = StepFlops(model)
+    fingerprint = checkpoint.fingerprint(model)  # names and (global) shapes, sharded or not
+    if cfg.fsdp:  # in place, before the optimizer: it must hold the sharded weights
+        model = parallel.shard(model.to(device), accelerator, cfg.mixed_precision)
     optimizer = build_adamw(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
                             cfg.adam_eps)
     if cfg.compile:
         model.compile()  # in place: state_dict keys, checkpoints and saving are unchanged
     # prepare() wraps the model for data parallelism and autocast, and the optimizer
     # for the fp16 gradient scaler. The schedule stays ours: see set_lr below.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    fingerprint = checkpoint.fingerprint(accelerator.unwrap_model(model))
+    if cfg.fsdp:  # FSDP is the model's parallel wrapper, its mixed-precision policy autocast
+        optimizer = accelerator.prepare_optimizer(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
 
     state = {"step": 0, "epoch": 0, "micro_done": 0, "samples": 0, "tokens": 0, "units": 0,
@@ -188,7 +181,8 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
     log = RunLog(out_dir / "train_log.jsonl", total_steps, accelerator.is_main_process,
                  state["step"])
     log.print(f"{total_steps} optimizer steps ({micro_per_epoch} micro-batches/epoch/device, "
-              f"{world} device(s), accumulation {cfg.grad_accum}, warmup {warmup})"
+              f"{world} device(s){', FSDP' if cfg.fsdp else ''}, accumulation {cfg.grad_accum}, "
+              f"warmup {warmup})"
               + (f", resumed at step {state['step']}" if state["step"] else ""))
     timer, stop, pending = Timer(state["train_s"]), _StopRequest(), []
     meter = _Meter(flops, peak_tflops(device, cfg.peak_tflops), world)
@@ -215,13 +209,13 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
                 for i, batch in enumerate(batches):
                     # Gradients are all-reduced only after the window's last micro-batch.
                     last = i == len(batches) - 1
-                    with nullcontext() if last else accelerator.no_sync(model):
+                    with parallel.gradient_sync(model, accelerator, sync=last):
                         loss = task.loss_sum(model, batch)                  # forward + loss
-                        # DDP averages over ranks; times `world` turns that into a sum.
+                        # DDP and FSDP average over ranks; times `world` makes it a sum.
                         accelerator.backward(loss * world / n_units)        # backward
                     loss_sum += loss.detach()
-                grad_norm = accelerator.clip_grad_norm_(                    # clip
-                    params, cfg.max_grad_norm or float("inf"))
+                grad_norm = parallel.local(accelerator.clip_grad_norm_(     # clip
+                    params, cfg.max_grad_norm or float("inf")))
                 step_loss = accelerator.reduce(loss_sum, reduction="sum") / n_units
                 # Loss and norm are global, so every rank takes the same decision.
                 finite = _finite(step_loss, grad_norm, cfg)
@@ -272,7 +266,9 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
             "train_tokens_per_s": state["tokens"] / max(timer.elapsed, 1e-9),
             "train_units_per_s": state["units"] / max(timer.elapsed, 1e-9),
             "train_loss": state["loss_total"] / applied_steps, "skipped_steps": state["skipped"],
-            "total_steps": total_steps}
+            "total_steps": total_steps,
+            # This device's share of weights and optimizer state: 1/N of it under --fsdp.
+            "state_mib_per_device": parallel.state_bytes(model, optimizer.optimizer) / 2**20}
 
 
 def _counts(task: Task, batch: Batch) -> torch.Tensor:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.batching import eval_batches
+from core.batching import eval_batches, filler
 from eval.classification import PLOT_DPI
 
 IGNORE = -100  # the label of a token that is not a target
@@ -57,10 +57,13 @@ def evaluate_lm(model: torch.nn.Module, rows: Sequence[dict],
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, tokens, rows
     for idx in eval_batches(len(rows), batch_size, accelerator.num_processes,
                             accelerator.process_index, lengths):
-        batch = {k: v.to(accelerator.device) for k, v in collate([rows[i] for i in idx]).items()}
+        batch = {k: v.to(accelerator.device)
+                 for k, v in collate([rows[i] for i in filler(idx)]).items()}
         with accelerator.autocast():
             logits = model(input_ids=batch["input_ids"],
                            attention_mask=batch["attention_mask"]).logits
+        if not idx:  # a filler batch: see core.batching.eval_batches
+            continue
         totals += torch.stack([token_loss_sum(logits, batch["labels"]).double(),
                                target_count(batch["labels"]).double(),
                                torch.tensor(len(idx), dtype=torch.float64,

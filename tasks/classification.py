@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 
-from core.batching import eval_batches
+from core.batching import eval_batches, filler
 from core.collate import pad_batch
 from core.errors import fail
 from eval.classification import classification_metrics
@@ -123,13 +123,13 @@ class ClassificationTask:
         for idx in eval_batches(len(self.eval_rows), self.eval_batch_size, acc.num_processes,
                                 acc.process_index, lengths):
             batch = {k: v.to(acc.device) for k, v in
-                     self.collate([self.eval_rows[i] for i in idx]).items()}
+                     self.collate([self.eval_rows[i] for i in filler(idx)]).items()}
             with acc.autocast():
                 logits = model(input_ids=batch["input_ids"],
                                attention_mask=batch["attention_mask"]).logits.float()
             losses = F.cross_entropy(logits, batch["labels"], reduction="none")
             probs = logits.softmax(-1)
-            local += [(i, int(label), float(loss), p) for i, label, loss, p in
+            local += [(i, int(label), float(loss), p) for i, label, loss, p in  # none if filler
                       zip(idx, batch["labels"].tolist(), losses.tolist(), probs.tolist())]
         # Every rank's results on every rank; each eval example appears exactly once.
         rows = sorted(gather_object(local), key=lambda r: r[0])

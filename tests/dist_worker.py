@@ -118,7 +118,7 @@ def record_micro_batches(task, rank: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from accelerate import Accelerator
+    from core.parallel import make_accelerator
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--also: unknown task {name!r} (choose from {', '.join(sorted(TASKS))})")
 
     torch.set_num_threads(1)  # the test machine is small and shared
-    accelerator = Accelerator(cpu=True)
+    accelerator = make_accelerator("no")  # as the scripts join torchrun's group
     rank = accelerator.process_index
     if args.stdio:
         Path(args.stdio).mkdir(parents=True, exist_ok=True)
