@@ -179,6 +179,24 @@ def test_sigterm_to_the_launcher_checkpoints_once_and_resumes_bit_exact(cls_runs
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_a_resume_under_another_launch_names_the_one_it_needs(cls_runs):
+    out, _ = cls_runs
+    config = json.loads((out["fsdp"] / "config.json").read_text())
+    args = ["--model", config["model"], "--train-file", config["train_file"], "--eval-file",
+            config["eval_file"], "--epochs", "4", "--lr", "1e-3", "--warmup-steps", "2",
+            "--max-length", "64", "--eval-batch-size", "8", "--no-group-by-length",
+            "--batch-size", "4", "--output-dir", str(out["fsdp"]), "--resume-from", "latest"]
+    before = (out["fsdp"] / "train_log.jsonl").read_text()
+    proc = launch("train_cls.py", 1, *args)  # one process, no --fsdp
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    made_by, this_run = line.split("; this run has ")
+    assert "world_size=2" in made_by and "fsdp=True" in made_by
+    assert "world_size=1" in this_run and "fsdp=False" in this_run
+    assert "launched as 2 process(es) (torchrun --nproc_per_node 2), with --fsdp" in line
+    assert (out["fsdp"] / "train_log.jsonl").read_text() == before
+
+
 # --- train_lora.py -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -247,6 +265,18 @@ def test_lora_fsdp_adapter_and_merge_load_as_usual(lora_runs):
     merged = load_file(out["fsdp"] / "r4" / "merged" / "model.safetensors")
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(merged[name], tensor)
+
+
+def test_accelerate_launch_starts_one_run_of_two_processes(tmp_path):
+    # Without a GPU, `accelerate launch` starts several processes with --multi_gpu only.
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                           "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                           "no", "--dynamo_backend", "no", str(ROOT / "train_cls.py"), "--demo",
+                           "--max-steps", "4", "--output-dir", str(tmp_path / "x")],
+                          env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "x" / "config.json").read_text())["world_size"] == 2
+    assert [r["step"] for r in records(tmp_path / "x")] == [1, 2, 3, 4]
 
 
 # --- refusals --------------------------------------------------------------------------
