@@ -220,7 +220,9 @@ def _as_flags(values: dict[str, Any]) -> list[str]:
     """Config-file settings spelt as command-line flags, so argparse converts every type alike."""
     argv: list[str] = []
     for name, value in values.items():
-        if value is None:
+        # None and [] mean "not set here": the default stays. (A list flag takes at least
+        # one value, so an empty one cannot be spelt on a command line.)
+        if value is None or value == []:
             continue
         if isinstance(value, bool):
             argv.append(f"--{'' if value else 'no-'}{flag(name)}")
