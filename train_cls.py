@@ -21,7 +21,7 @@ from core.errors import fail, run_cli
 from core.loop import TrainData, make_accelerator, plan_steps, train
 from core.pretrained import check_max_length, load_pretrained
 from eval.classification import plot_confusion_matrix
-from tasks.classification import ClassificationTask, label_map, tokenize
+from tasks.classification import ClassificationTask, label_map, one_class_warning, tokenize
 
 PRODUCED = ["config.json", "train_log.jsonl", "metrics.json", "predictions.jsonl",
             "confusion_matrix.png", "model", "checkpoints"]
@@ -55,8 +55,8 @@ def load_rows(cfg: ClsConfig):
     else:
         train_rows = load_split(cfg.dataset, cfg.train_file, cfg.train_split)
         eval_rows = load_split(cfg.dataset, cfg.eval_file, cfg.eval_split)
-    train_rows = take(train_rows, cfg.max_train_samples)
-    eval_rows = take(eval_rows, cfg.max_eval_samples)
+    train_rows = take(train_rows, cfg.max_train_samples, cfg.seed)
+    eval_rows = take(eval_rows, cfg.max_eval_samples, cfg.seed)
     for rows, where in ((train_rows, "the training data"), (eval_rows, "the eval data")):
         require_columns(rows, {"text-column": cfg.text_column,
                                "text-pair-column": cfg.text_pair_column,
@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     columns = (cfg.text_column, cfg.text_pair_column, cfg.label_column)
     train_rows = tokenize(train_raw, tokenizer, *columns, labels, cfg.max_length, "the training data")
     eval_rows = tokenize(eval_raw, tokenizer, *columns, labels, cfg.max_length, "the eval data")
+    if warning := one_class_warning(eval_rows, labels, "the eval data"):
+        accelerator.print(warning)
     plan_steps(len(train_rows), cfg, accelerator.num_processes)  # can one batch be filled?
     model = load_model(cfg, config)  # last: the weights are the slow part
 

@@ -40,8 +40,9 @@ class TrainConfig:
     eval_split: str = opt("test", "split of --dataset to evaluate on")
     train_file: str | None = opt(None, "local training file: csv, tsv, json, jsonl or parquet")
     eval_file: str | None = opt(None, "local evaluation file, same formats")
-    max_train_samples: int | None = opt(None, "keep only the first N training rows")
-    max_eval_samples: int | None = opt(None, "keep only the first N evaluation rows")
+    max_train_samples: int | None = opt(None, "keep only N training rows, drawn at random with "
+                                              "--seed (the same rows for the same seed)")
+    max_eval_samples: int | None = opt(None, "keep only N evaluation rows, drawn likewise")
     max_length: int = opt(512, "truncate inputs to this many tokens")
     output_dir: str = opt("runs/latest", "where the run writes its files")
     overwrite: bool = opt(False, "allow writing into a non-empty --output-dir")

@@ -27,13 +27,23 @@ class LabelMap:
     def label2id(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.names)}
 
+    @property
+    def named(self) -> bool:
+        """False where the training labels were bare int ids (names "0", "1", ...)."""
+        return self.names != [str(i) for i in range(len(self.names))]
+
 
 def label_map(train: datasets.Dataset, column: str) -> LabelMap:
-    """Ids for the label column, at least two classes."""
+    """Ids for the label column; the rows must hold at least two classes.
+
+    The classes the rows hold are counted, not those a `ClassLabel` declares: a cut of
+    a data set stored sorted by label can declare two and hold one.
+    """
     labels = _label_map(train, column)
-    if len(labels.names) < 2:
+    present = sorted(set(label_ids(train, column, labels, "the training data")))
+    if len(present) < 2:
         raise fail(f"label column '{column}' of the training data holds one class only "
-                   f"({labels.names[0]!r})", "train on examples of at least two classes")
+                   f"({labels.names[present[0]]!r})", "train on examples of at least two classes")
     return labels
 
 
@@ -56,21 +66,38 @@ def _label_map(train: datasets.Dataset, column: str) -> LabelMap:
 
 
 def label_ids(rows: datasets.Dataset, column: str, labels: LabelMap, where: str) -> list[int]:
+    """The rows' labels as ids of `labels`: names by name, int ids as they are."""
     values = list(rows[column])
-    if isinstance(rows.features[column], datasets.ClassLabel) or not values or \
-            not isinstance(values[0], str):
-        bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool)
-               or not 0 <= v < len(labels.names)]
-        if bad:
-            raise fail(f"{where} has labels outside 0..{len(labels.names) - 1} (e.g. {bad[0]!r})",
-                       "make eval labels match the training labels")
-        return list(values)
+    feature = rows.features[column]
+    if isinstance(feature, datasets.ClassLabel) and labels.named:
+        # A ClassLabel numbers its classes its own way (an eval split's may differ from the
+        # training data's sorted names): go by name. -1, "no label", is refused here.
+        values = [feature.names[i] for i in _checked_ids(values, len(feature.names), where)]
+    if not values or not isinstance(values[0], str):
+        return _checked_ids(values, len(labels.names), where)
     unknown = sorted(set(values) - set(labels.names))
     if unknown:
         raise fail(f"{where} has labels not seen in training: {', '.join(map(str, unknown[:5]))}",
                    "make eval labels match the training labels")
     ids = labels.label2id
     return [ids[v] for v in values]
+
+
+def one_class_warning(rows: list[dict], labels: LabelMap, where: str) -> str | None:
+    """A warning line for tokenised rows of a single class, None for rows of several."""
+    present = {row["labels"] for row in rows}
+    if len(present) != 1:
+        return None
+    return (f"warning: {where} holds one class only ({labels.names[present.pop()]!r}): its "
+            f"precision, recall and F1 say little (those of a class it lacks read 0)")
+
+
+def _checked_ids(values: list, n: int, where: str) -> list[int]:
+    bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n]
+    if bad:
+        raise fail(f"{where} has labels outside 0..{n - 1} (e.g. {bad[0]!r})",
+                   "make eval labels match the training labels")
+    return values
 
 
 def tokenize(rows: datasets.Dataset, tokenizer, text_column: str, pair_column: str | None,
