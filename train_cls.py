@@ -93,13 +93,20 @@ def model_config(cfg: ClsConfig, labels, vocab_size: int):
 
 
 def load_model(cfg: ClsConfig, config):
-    """The classifier: pretrained weights with a new head, or built tiny for --demo."""
+    """The classifier: pretrained weights with a new head, or built tiny for --demo.
+
+    Every weight is trained, so every weight is fp32, and so is AdamW's state, whatever
+    dtype the checkpoint was saved in (transformers would otherwise keep it: a bf16
+    checkpoint would train bf16 weights). --mixed-precision alone decides the autocast.
+    """
+    import torch
     from transformers import AutoModelForSequenceClassification
     if cfg.uses_demo_model():
         return AutoModelForSequenceClassification.from_config(
             config, attn_implementation=cfg.attn_implementation)
     return load_pretrained(AutoModelForSequenceClassification.from_pretrained, cfg.model,
-                           "model", config=config, attn_implementation=cfg.attn_implementation)
+                           "model", config=config, dtype=torch.float32,
+                           attn_implementation=cfg.attn_implementation)
 
 
 def main(argv: list[str] | None = None) -> int:
