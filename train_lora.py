@@ -416,10 +416,14 @@ def main(argv: list[str] | None = None) -> int:
                         cfg.pad_multiple(accelerator.device))
     data = TrainData(train_enc.rows, task.collate, [len(r["input_ids"]) for r in train_enc.rows])
     results, baseline = [], None
+    # The fp16 loss scale adapts to a run: each rank starts from the initial one.
+    fresh_scaler = accelerator.scaler.state_dict() if accelerator.scaler else None
     for r, r_dir in rank_dirs.items():
         metrics = finished_metrics(r_dir, cfg)
         if metrics is None:
             accelerator.print(f"— LoRA r={r}, alpha={cfg.alpha(r):g} —")
+            if fresh_scaler:
+                accelerator.scaler.load_state_dict(fresh_scaler)
             metrics = run_rank(r, source, cfg, task, data, tokenizer, accelerator, r_dir,
                                baseline)
         baseline = baseline or {"loss": metrics["eval_loss_before"]}
