@@ -32,7 +32,8 @@ last checkpoint, unless --skip-nonfinite. A checkpoint holds the weights, optimi
 counters, position in the epoch and every rank's RNG states, and the batch order is
 a pure function of (seed, epoch), so a resumed run repeats the uninterrupted one bit
 for bit on a deterministic device. It must keep the run's plan (total steps, batch layout,
-tokenised data): anything else would change the schedule or the batches.
+tokenised data, AdamW's weight decay, betas and eps): anything else would change the
+schedule or the batches, or be overwritten by the saved optimizer state.
 """
 
 import math
@@ -157,11 +158,14 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
     world, rank = accelerator.num_processes, accelerator.process_index
     micro_per_epoch, total_steps = plan_steps(len(data.rows), cfg, world)
     warmup = warmup_steps_for(total_steps, cfg.warmup_ratio, cfg.warmup_steps)
-    # What fixes the schedule and the batches: a resumed run must agree on all of it.
+    # What fixes the schedule and the batches, and the optimizer settings its saved state
+    # carries (loading it would silently bring them back): a resumed run must agree on all.
     plan = {"total_steps": total_steps, "world_size": world, "batch_size": cfg.batch_size,
             "grad_accum": cfg.grad_accum, "seed": cfg.seed, "group_by_length": cfg.group_by_length,
             "warmup_steps": warmup, "train_rows": len(data.rows),
-            "train_data": checkpoint.data_fingerprint(data.rows)}
+            "train_data": checkpoint.data_fingerprint(data.rows),
+            "weight_decay": cfg.weight_decay, "adam_beta1": cfg.adam_beta1,
+            "adam_beta2": cfg.adam_beta2, "adam_eps": cfg.adam_eps}
 
     device, ckpt_root = accelerator.device, out_dir / "checkpoints"
     if device.type == "cpu" and cfg.return_cpu_memory:
