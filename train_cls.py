@@ -21,7 +21,8 @@ from core.errors import fail, run_cli
 from core.loop import TrainData, make_accelerator, plan_steps, train
 from core.pretrained import check_max_length, load_pretrained
 from eval.classification import plot_confusion_matrix
-from tasks.classification import ClassificationTask, label_map, one_class_warning, tokenize
+from tasks.classification import (ClassificationTask, forward_inputs, label_map,
+                                  one_class_warning, tokenize)
 
 PRODUCED = ["config.json", "train_log.jsonl", "metrics.json", "predictions.jsonl",
             "confusion_matrix.png", "model", "checkpoints"]
@@ -127,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     config = model_config(cfg, labels, len(tokenizer))
     config.pad_token_id = tokenizer.pad_token_id  # models that pool the last token find it by this
     columns = (cfg.text_column, cfg.text_pair_column, cfg.label_column)
-    train_rows = tokenize(train_raw, tokenizer, *columns, labels, cfg.max_length, "the training data")
-    eval_rows = tokenize(eval_raw, tokenizer, *columns, labels, cfg.max_length, "the eval data")
+    inputs = forward_inputs(config)
+    train_rows = tokenize(train_raw, tokenizer, *columns, labels, cfg.max_length,
+                          "the training data", inputs)
+    eval_rows = tokenize(eval_raw, tokenizer, *columns, labels, cfg.max_length, "the eval data",
+                         inputs)
     if warning := one_class_warning(eval_rows, labels, "the eval data"):
         accelerator.print(warning)
     plan_steps(len(train_rows), cfg, accelerator.num_processes)  # can one batch be filled?

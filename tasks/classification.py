@@ -1,5 +1,7 @@
 """Sequence classification: labels to ids, tokenisation, the per-example loss, evaluation."""
 
+import inspect
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,9 +102,26 @@ def _checked_ids(values: list, n: int, where: str) -> list[int]:
     return values
 
 
+def forward_inputs(config) -> frozenset[str]:
+    """The arguments the classifier built from `config` takes, read off its class: known
+    before its weights are loaded."""
+    from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+    model_class = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING.get(type(config), None)
+    if model_class is None:  # no classifier of this kind: loading the model says so
+        return frozenset()
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
 def tokenize(rows: datasets.Dataset, tokenizer, text_column: str, pair_column: str | None,
-             label_column: str, labels: LabelMap, max_length: int, where: str) -> list[dict]:
-    """Tokenise once, truncating to `max_length`; padding waits for the batch."""
+             label_column: str, labels: LabelMap, max_length: int, where: str,
+             model_inputs: Collection[str] = ()) -> list[dict]:
+    """Tokenise once, truncating to `max_length`; padding waits for the batch.
+
+    Besides the ids, a row keeps every per-token output of the tokenizer that is one of
+    `model_inputs` (BERT's token_type_ids, which mark a pair's second text): the model
+    must see in training and evaluation what `tokenizer(a, b)` gives it when served.
+    The attention mask is left out: padding builds it.
+    """
     texts = list(rows[text_column])
     pairs = list(rows[pair_column]) if pair_column else None
     for name, column in ((text_column, texts), (pair_column, pairs)):
@@ -111,8 +130,10 @@ def tokenize(rows: datasets.Dataset, tokenizer, text_column: str, pair_column: s
                        "name a column of strings")
     encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     ids = label_ids(rows, label_column, labels, where)
-    return [{"input_ids": input_ids, "labels": label}
-            for input_ids, label in zip(encoded["input_ids"], ids)]
+    extra = [key for key in encoded if key in model_inputs
+             and key not in ("input_ids", "attention_mask")]
+    return [{"input_ids": input_ids, **{key: encoded[key][i] for key in extra}, "labels": label}
+            for i, (input_ids, label) in enumerate(zip(encoded["input_ids"], ids))]
 
 
 class ClassificationTask:
@@ -137,7 +158,7 @@ class ClassificationTask:
         return torch.tensor(len(batch["labels"]), device=batch["labels"].device)
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**_inputs(batch)).logits
         # In fp32: softmax over bf16 logits loses the small differences the loss is made of.
         return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
 
@@ -152,8 +173,7 @@ class ClassificationTask:
             batch = {k: v.to(acc.device) for k, v in
                      self.collate([self.eval_rows[i] for i in idx]).items()}
             with acc.autocast():
-                logits = model(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"]).logits.float()
+                logits = model(**_inputs(batch)).logits.float()
             losses = F.cross_entropy(logits, batch["labels"], reduction="none")
             probs = logits.softmax(-1)
             local += [(i, int(label), float(loss), p) for i, label, loss, p in
@@ -170,3 +190,8 @@ class ClassificationTask:
                              "probabilities": [round(x, 6) for x in pr]}
                             for (i, *_), y, p, pr in zip(rows, labels, preds, probs.tolist())]
         return metrics
+
+
+def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model is given: every tensor of the batch but the labels (the loss is ours)."""
+    return {key: value for key, value in batch.items() if key != "labels"}
