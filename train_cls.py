@@ -128,13 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     config = model_config(cfg, labels, len(tokenizer))
     config.pad_token_id = tokenizer.pad_token_id  # models that pool the last token find it by this
     columns = (cfg.text_column, cfg.text_pair_column, cfg.label_column)
-    inputs = forward_inputs(config)
-    train_rows = tokenize(train_raw, tokenizer, *columns, labels, cfg.max_length,
-                          "the training data", inputs)
-    eval_rows = tokenize(eval_raw, tokenizer, *columns, labels, cfg.max_length, "the eval data",
-                         inputs)
-    if warning := one_class_warning(eval_rows, labels, "the eval data"):
-        accelerator.print(warning)
+    train_rows = tokenize(train_raw, tokenizer, *columns, labels, cfg.max_length, "the training data")
+    eval_rows = tokenize(eval_raw, tokenizer, *columns, labels, cfg.max_length, "the eval data")
     plan_steps(len(train_rows), cfg, accelerator.num_processes)  # can one batch be filled?
     model = load_model(cfg, config)  # last: the weights are the slow part
 
@@ -147,9 +142,11 @@ def main(argv: list[str] | None = None) -> int:
             "n_train": len(train_rows), "n_eval": len(eval_rows)})
     accelerator.wait_for_everyone()
 
+    if warning := one_class_warning(eval_rows, labels, "the eval data"):
+        accelerator.print(warning)
     task = ClassificationTask(eval_rows, tokenizer.pad_token_id, cfg.eval_batch_size,
                               len(labels.names), accelerator,
-                              cfg.pad_multiple(accelerator.device))
+                              cfg.pad_multiple(accelerator.device), forward_inputs(model))
     data = TrainData(train_rows, task.collate, [len(r["input_ids"]) for r in train_rows])
     result = train(model, task, data, cfg, accelerator, out_dir)
 

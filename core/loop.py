@@ -166,14 +166,14 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
     world, rank = accelerator.num_processes, accelerator.process_index
     micro_per_epoch, total_steps = plan_steps(len(data.rows), cfg, world)
     warmup = warmup_steps_for(total_steps, cfg.warmup_ratio, cfg.warmup_steps)
-    # What fixes the schedule and the batches, and the optimizer settings its saved state
-    # carries (loading it would silently bring them back): a resumed run must agree on all.
+    # What fixes the schedule and the batches: a resumed run must agree on all of it.
     plan = {"total_steps": total_steps, "world_size": world, "batch_size": cfg.batch_size,
             "grad_accum": cfg.grad_accum, "seed": cfg.seed, "group_by_length": cfg.group_by_length,
             "warmup_steps": warmup, "train_rows": len(data.rows),
-            "train_data": checkpoint.data_fingerprint(data.rows),
-            "weight_decay": cfg.weight_decay, "adam_beta1": cfg.adam_beta1,
-            "adam_beta2": cfg.adam_beta2, "adam_eps": cfg.adam_eps}
+            "train_data": checkpoint.data_fingerprint(data.rows)}
+    # So must the optimizer settings its saved state carries: loading it would bring them back.
+    plan.update({"weight_decay": cfg.weight_decay, "adam_beta1": cfg.adam_beta1,
+                 "adam_beta2": cfg.adam_beta2, "adam_eps": cfg.adam_eps})
 
     device, ckpt_root = accelerator.device, out_dir / "checkpoints"
     if device.type == "cpu" and cfg.return_cpu_memory:

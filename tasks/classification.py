@@ -85,6 +85,12 @@ def label_ids(rows: datasets.Dataset, column: str, labels: LabelMap, where: str)
     return [ids[v] for v in values]
 
 
+def forward_inputs(model: torch.nn.Module) -> frozenset[str]:
+    """The names the model's forward takes: a tokenizer's extra outputs reach it where
+    it has a use for them (BERT's token_type_ids), and not where it has none (DistilBERT)."""
+    return frozenset(inspect.signature(model.forward).parameters) - {"labels"}
+
+
 def one_class_warning(rows: list[dict], labels: LabelMap, where: str) -> str | None:
     """A warning line for tokenised rows of a single class, None for rows of several."""
     present = {row["labels"] for row in rows}
@@ -102,25 +108,13 @@ def _checked_ids(values: list, n: int, where: str) -> list[int]:
     return values
 
 
-def forward_inputs(config) -> frozenset[str]:
-    """The arguments the classifier built from `config` takes, read off its class: known
-    before its weights are loaded."""
-    from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
-    model_class = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING.get(type(config), None)
-    if model_class is None:  # no classifier of this kind: loading the model says so
-        return frozenset()
-    return frozenset(inspect.signature(model_class.forward).parameters)
-
-
 def tokenize(rows: datasets.Dataset, tokenizer, text_column: str, pair_column: str | None,
-             label_column: str, labels: LabelMap, max_length: int, where: str,
-             model_inputs: Collection[str] = ()) -> list[dict]:
+             label_column: str, labels: LabelMap, max_length: int, where: str) -> list[dict]:
     """Tokenise once, truncating to `max_length`; padding waits for the batch.
 
-    Besides the ids, a row keeps every per-token output of the tokenizer that is one of
-    `model_inputs` (BERT's token_type_ids, which mark a pair's second text): the model
+    A row keeps every per-token output of the tokenizer (BERT's token_type_ids, which
+    mark a pair's second text) but the attention mask, which padding builds: the model
     must see in training and evaluation what `tokenizer(a, b)` gives it when served.
-    The attention mask is left out: padding builds it.
     """
     texts = list(rows[text_column])
     pairs = list(rows[pair_column]) if pair_column else None
@@ -130,8 +124,7 @@ def tokenize(rows: datasets.Dataset, tokenizer, text_column: str, pair_column: s
                        "name a column of strings")
     encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     ids = label_ids(rows, label_column, labels, where)
-    extra = [key for key in encoded if key in model_inputs
-             and key not in ("input_ids", "attention_mask")]
+    extra = [key for key in encoded if key not in ("input_ids", "attention_mask")]
     return [{"input_ids": input_ids, **{key: encoded[key][i] for key in extra}, "labels": label}
             for i, (input_ids, label) in enumerate(zip(encoded["input_ids"], ids))]
 
@@ -142,8 +135,10 @@ class ClassificationTask:
     unit = "examples"
 
     def __init__(self, eval_rows: list[dict], pad_id: int, eval_batch_size: int,
-                 num_labels: int, accelerator, pad_multiple: int = 1):
+                 num_labels: int, accelerator, pad_multiple: int = 1,
+                 model_inputs: Collection[str] = ("input_ids", "attention_mask")):
         self.eval_rows = eval_rows
+        self.model_inputs = frozenset(model_inputs)  # what of a batch the model is given
         self.pad_id = pad_id
         self.pad_multiple = pad_multiple
         self.eval_batch_size = eval_batch_size
@@ -154,11 +149,15 @@ class ClassificationTask:
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         return pad_batch(rows, self.pad_id, self.pad_multiple)
 
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch's tensors the model takes (not the labels: the loss is ours)."""
+        return {key: value for key, value in batch.items() if key in self.model_inputs}
+
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.tensor(len(batch["labels"]), device=batch["labels"].device)
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(**_inputs(batch)).logits
+        logits = model(**self._inputs(batch)).logits
         # In fp32: softmax over bf16 logits loses the small differences the loss is made of.
         return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
 
@@ -173,7 +172,7 @@ class ClassificationTask:
             batch = {k: v.to(acc.device) for k, v in
                      self.collate([self.eval_rows[i] for i in idx]).items()}
             with acc.autocast():
-                logits = model(**_inputs(batch)).logits.float()
+                logits = model(**self._inputs(batch)).logits.float()
             losses = F.cross_entropy(logits, batch["labels"], reduction="none")
             probs = logits.softmax(-1)
             local += [(i, int(label), float(loss), p) for i, label, loss, p in
@@ -190,8 +189,3 @@ class ClassificationTask:
                              "probabilities": [round(x, 6) for x in pr]}
                             for (i, *_), y, p, pr in zip(rows, labels, preds, probs.tolist())]
         return metrics
-
-
-def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What the model is given: every tensor of the batch but the labels (the loss is ours)."""
-    return {key: value for key, value in batch.items() if key != "labels"}

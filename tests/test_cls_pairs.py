@@ -83,6 +83,7 @@ def test_pair_segment_ids_reach_the_model(tiny_bert, tmp_path):
 
 
 @pytest.mark.real
+@pytest.mark.slow
 def test_minilm_pairs_are_served_as_evaluated(tmp_path):
     """Item 2 on a real BERT-family encoder and its own tokenizer."""
     model = shared_path("models", "all-MiniLM-L6-v2")
