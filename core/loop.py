@@ -226,8 +226,7 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
                 local = torch.cat([sum(_counts(task, b) for b in host_batches), stop.flag()])
                 counts = accelerator.reduce(_to_device(local, device), reduction="sum")
                 n_units = counts[0].clamp(min=1)
-                lr = set_lr(optimizer, cfg.lr,                                     # schedule
-                            lr_factor(applied_steps, warmup, total_steps))
+                lr = cfg.lr * lr_factor(applied_steps, warmup, total_steps)  # schedule
                 loss_sum = torch.zeros((), device=device)
                 for i, batch in enumerate(batches):
                     # Gradients are all-reduced only after the window's last micro-batch.
@@ -242,7 +241,8 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
                 step_loss = accelerator.reduce(loss_sum, reduction="sum") / n_units
                 # Loss and norm are global, so every rank takes the same decision.
                 finite = _finite(step_loss, grad_norm, cfg)
-                applied = _optimizer_step(optimizer, accelerator, finite)  # update, if finite
+                with set_lr(optimizer, lr):
+                    applied = _optimizer_step(optimizer, accelerator, finite)  # update, if finite
                 applied_steps += applied
                 optimizer.zero_grad(set_to_none=True)                       # reset
 

@@ -6,6 +6,8 @@ rate is at every step.
 """
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -54,14 +56,21 @@ def lr_factor(step: int | torch.Tensor, warmup: int, total: int) -> torch.Tensor
     return torch.where(step < warmup, warming, decaying)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, peak_lr: float, factor: torch.Tensor) -> torch.Tensor:
-    """Give every group the lr `peak_lr * factor`; return it (float64, for the log).
+@contextmanager
+def set_lr(optimizer: torch.optim.Optimizer, lr: torch.Tensor) -> Iterator[None]:
+    """Every group's lr is `lr` for the optimizer steps taken inside.
 
-    The fused AdamW reads a tensor lr where it lives, so a factor on the device costs no
-    wait (its CUDA kernel wants it in fp32). Other optimizers take a number, read back.
+    The fused AdamW reads a tensor lr where it lives, so an lr computed on the device
+    costs no wait (its CUDA kernel wants it in fp32); other optimizers take a number,
+    read back. Outside, the groups keep the number they had: a saved optimizer state
+    holds no tensor lr, and the loop gives every step its own lr anyway.
     """
-    lr = peak_lr * factor
     value = lr.float() if optimizer.defaults.get("fused") else float(lr)
+    before = [group["lr"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
         group["lr"] = value
-    return lr
+    try:
+        yield
+    finally:
+        for group, number in zip(optimizer.param_groups, before):
+            group["lr"] = number
