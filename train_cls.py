@@ -22,7 +22,8 @@ from core.loop import TrainData, plan_steps, train
 from core.parallel import Agreement, check_fsdp, gathered_weights, make_accelerator
 from core.pretrained import check_max_length, load_pretrained
 from eval.classification import plot_confusion_matrix
-from tasks.classification import ClassificationTask, label_map, tokenize
+from tasks.classification import (ClassificationTask, forward_inputs, label_map,
+                                  one_class_warning, tokenize)
 
 PRODUCED = ["config.json", "train_log.jsonl", "metrics.json", "predictions.jsonl",
             "confusion_matrix.png", "model", "checkpoints"]
@@ -56,8 +57,8 @@ def load_rows(cfg: ClsConfig):
     else:
         train_rows = load_split(cfg.dataset, cfg.train_file, cfg.train_split)
         eval_rows = load_split(cfg.dataset, cfg.eval_file, cfg.eval_split)
-    train_rows = take(train_rows, cfg.max_train_samples)
-    eval_rows = take(eval_rows, cfg.max_eval_samples)
+    train_rows = take(train_rows, cfg.max_train_samples, cfg.seed)
+    eval_rows = take(eval_rows, cfg.max_eval_samples, cfg.seed)
     for rows, where in ((train_rows, "the training data"), (eval_rows, "the eval data")):
         require_columns(rows, {"text-column": cfg.text_column,
                                "text-pair-column": cfg.text_pair_column,
@@ -94,13 +95,20 @@ def model_config(cfg: ClsConfig, labels, vocab_size: int):
 
 
 def load_model(cfg: ClsConfig, config):
-    """The classifier: pretrained weights with a new head, or built tiny for --demo."""
+    """The classifier: pretrained weights with a new head, or built tiny for --demo.
+
+    Every weight is trained, so every weight is fp32, and so is AdamW's state, whatever
+    dtype the checkpoint was saved in (transformers would otherwise keep it: a bf16
+    checkpoint would train bf16 weights). --mixed-precision alone decides the autocast.
+    """
+    import torch
     from transformers import AutoModelForSequenceClassification
     if cfg.uses_demo_model():
         return AutoModelForSequenceClassification.from_config(
             config, attn_implementation=cfg.attn_implementation)
     return load_pretrained(AutoModelForSequenceClassification.from_pretrained, cfg.model,
-                           "model", config=config, attn_implementation=cfg.attn_implementation)
+                           "model", config=config, dtype=torch.float32,
+                           attn_implementation=cfg.attn_implementation)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
             "n_train": len(train_rows), "n_eval": len(eval_rows)})
     accelerator.wait_for_everyone()
 
+    if warning := one_class_warning(eval_rows, labels, "the eval data"):
+        accelerator.print(warning)
     task = ClassificationTask(eval_rows, tokenizer.pad_token_id, cfg.eval_batch_size,
                               len(labels.names), accelerator,
-                              cfg.pad_multiple(accelerator.device))
+                              cfg.pad_multiple(accelerator.device), forward_inputs(model))
     data = TrainData(train_rows, task.collate, [len(r["input_ids"]) for r in train_rows])
     result = train(model, task, data, cfg, accelerator, out_dir)
 

@@ -26,7 +26,7 @@ import torch
 
 from core import checkpoint, run_dir
 from core.config import TrainConfig, opt, parse_config
-from core.data import load_file, load_split, take
+from core.data import load_file, load_split, sample, take
 from core.demo import bpe_tokenizer, data_file, tiny_llama_config
 from core.errors import fail, run_cli
 from core.loop import TrainData, plan_steps, train
@@ -162,17 +162,19 @@ def columns_for(rows, cfg: LoraRunConfig, where: str) -> Columns:
 
 def load_examples(cfg: LoraRunConfig):
     """(train examples, eval examples, number of added examples), all checked."""
-    train_raw = take(load_split(cfg.dataset, cfg.train_file, cfg.train_split), cfg.max_train_samples)
+    train_raw = take(load_split(cfg.dataset, cfg.train_file, cfg.train_split),
+                     cfg.max_train_samples, cfg.seed)
     train = to_examples(train_raw, columns_for(train_raw, cfg, "the training data"),
                         "the training data")
     if cfg.eval_file or cfg.eval_split:
-        eval_raw = load_split(cfg.dataset, cfg.eval_file, cfg.eval_split)
+        eval_raw = take(load_split(cfg.dataset, cfg.eval_file, cfg.eval_split),
+                        cfg.max_eval_samples, cfg.seed)
         evaluation = to_examples(eval_raw, columns_for(eval_raw, cfg, "the eval data"),
                                  "the eval data")
     else:
         train_idx, eval_idx = split_eval(len(train), cfg.eval_fraction, cfg.seed)
-        train, evaluation = [train[i] for i in train_idx], [train[i] for i in eval_idx]
-    evaluation = evaluation[:cfg.max_eval_samples] if cfg.max_eval_samples else evaluation
+        kept = sample(len(eval_idx), cfg.max_eval_samples, cfg.seed)
+        train, evaluation = [train[i] for i in train_idx], [train[eval_idx[i]] for i in kept]
     added = pair_examples(cfg.add_example)
     if cfg.extra_examples:
         extra = load_file(cfg.extra_examples)
@@ -439,10 +441,14 @@ def main(argv: list[str] | None = None) -> int:
                         cfg.pad_multiple(accelerator.device))
     data = TrainData(train_enc.rows, task.collate, [len(r["input_ids"]) for r in train_enc.rows])
     results, baseline = [], None
+    # The fp16 loss scale adapts to a run: each rank starts from the initial one.
+    fresh_scaler = accelerator.scaler.state_dict() if accelerator.scaler else None
     for r, r_dir in rank_dirs.items():
         metrics = finished_metrics(r_dir, cfg)
         if metrics is None:
             accelerator.print(f"— LoRA r={r}, alpha={cfg.alpha(r):g} —")
+            if fresh_scaler:
+                accelerator.scaler.load_state_dict(fresh_scaler)
             metrics = run_rank(r, source, cfg, task, data, tokenizer, accelerator, r_dir,
                                baseline)
         baseline = baseline or {"loss": metrics["eval_loss_before"]}

@@ -40,8 +40,9 @@ class TrainConfig:
     eval_split: str = opt("test", "split of --dataset to evaluate on")
     train_file: str | None = opt(None, "local training file: csv, tsv, json, jsonl or parquet")
     eval_file: str | None = opt(None, "local evaluation file, same formats")
-    max_train_samples: int | None = opt(None, "keep only the first N training rows")
-    max_eval_samples: int | None = opt(None, "keep only the first N evaluation rows")
+    max_train_samples: int | None = opt(None, "keep only N training rows, drawn at random with "
+                                              "--seed (the same rows for the same seed)")
+    max_eval_samples: int | None = opt(None, "keep only N evaluation rows, drawn likewise")
     max_length: int = opt(512, "truncate inputs to this many tokens")
     output_dir: str = opt("runs/latest", "where the run writes its files")
     overwrite: bool = opt(False, "allow writing into a non-empty --output-dir")
@@ -223,7 +224,9 @@ def _as_flags(values: dict[str, Any]) -> list[str]:
     """Config-file settings spelt as command-line flags, so argparse converts every type alike."""
     argv: list[str] = []
     for name, value in values.items():
-        if value is None:
+        # None and [] mean "not set here": the default stays. (A list flag takes at least
+        # one value, so an empty one cannot be spelt on a command line.)
+        if value is None or value == []:
             continue
         if isinstance(value, bool):
             argv.append(f"--{'' if value else 'no-'}{flag(name)}")

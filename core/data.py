@@ -7,6 +7,7 @@ from typing import Iterator
 
 import datasets
 import datasets.exceptions
+import numpy as np
 
 from core.errors import fail
 
@@ -106,5 +107,20 @@ def require_columns(rows: datasets.Dataset, columns: dict[str, str | None], wher
                        f"{', '.join(rows.column_names)})", f"name the right one with --{flag}")
 
 
-def take(rows: datasets.Dataset, limit: int | None) -> datasets.Dataset:
-    return rows.select(range(min(limit, len(rows)))) if limit else rows
+def sample(n: int, limit: int | None, seed: int) -> list[int]:
+    """The indices a --max-*-samples cut keeps of `n` rows: `limit` drawn at random with
+    `seed`, in the data's order (all of them without a cut).
+
+    Not the first rows: data sets are often stored sorted, by label say (IMDb's are),
+    and the first rows of one would give a quick run a single class. The same seed
+    keeps the same rows, so runs that differ in other settings see the same data.
+    """
+    if not limit or limit >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).choice(n, limit, replace=False).tolist())
+
+
+def take(rows: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:
+    """`rows` cut to a seeded sample of `limit` rows (see `sample`)."""
+    keep = sample(len(rows), limit, seed)
+    return rows if len(keep) == len(rows) else rows.select(keep)

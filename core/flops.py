@@ -9,6 +9,7 @@ runs, libraries and machines on equal terms.
 import re
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 # Dense bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets. A GPU matches the
 # first entry whose words all appear in torch.cuda.get_device_name(), split at spaces
@@ -18,8 +19,12 @@ BF16_PEAK_TFLOPS = ((("H200",), 989.0), (("H100", "PCIe"), 756.0), (("H100", "NV
                     (("L4",), 121.0), (("A10",), 125.0))
 
 
+# Layers that multiply each vector by a weight matrix: transformers' Conv1D (GPT-2 and its
+# kin) is a Linear whose weight is stored transposed, so it costs the same per entry.
+MATMUL_LAYERS = (torch.nn.Linear, Conv1D)
+
 # Linear layers under these names see one vector per example, not one per token:
-# a sequence classifier's pooler and head (BERT, DistilBERT, Llama-for-classification).
+# a sequence classifier's pooler and head (BERT, DistilBERT, Llama and GPT-2 classifiers).
 PER_EXAMPLE_MODULES = {"pooler", "pre_classifier", "classifier", "score"}
 
 
@@ -30,7 +35,7 @@ class StepFlops:
     Matrix products: a weight of N entries costs 2N per vector forward and 2N backward
     for the input's gradient; only a trained weight costs another 2N for its own
     gradient (LoRA's frozen base does not). So `4 * N + 2 * N_trained` per vector, over
-    the Linear layers, per token except in a classifier's head (per example).
+    the Linear (and Conv1D) layers, per token except in a classifier's head (per example).
     Attention's scores and weighted sum add `12 * layers * width` per pair of tokens of
     one example (the PaLM paper's count; causal masking is not discounted).
     """
@@ -38,7 +43,7 @@ class StepFlops:
     def __init__(self, model: torch.nn.Module):
         self.per_token = self.per_example = 0
         for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear):
+            if isinstance(module, MATMUL_LAYERS):
                 w = module.weight
                 cost = 4 * w.numel() + 2 * w.numel() * w.requires_grad
                 if PER_EXAMPLE_MODULES & set(name.split(".")):

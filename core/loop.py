@@ -23,6 +23,14 @@ decided there: the log line, a fault, a stop request. Until then, a step whose l
 or gradient norm is not finite is skipped on the device (see `_optimizer_step`;
 fp16 is the exception, as its gradient scaler reports skips to the host only).
 
+Skipped steps and the schedule
+------------------------------
+As in HF Trainer, the learning rate follows the steps *applied* so far: a skipped step
+(non-finite, or an fp16 overflow) leaves the schedule where it was, yet counts towards
+the run's total steps, so a run that skipped k steps ends k steps short of a zero lr.
+The count of applied steps is kept on the device and the lr computed there from it,
+which the fused AdamW reads as a tensor: no wait.
+
 Stopping and resuming
 ---------------------
 SIGINT/SIGTERM on any rank make every rank checkpoint after the same step (the next
@@ -32,7 +40,8 @@ last checkpoint, unless --skip-nonfinite. A checkpoint holds the weights, optimi
 counters, position in the epoch and every rank's RNG states, and the batch order is
 a pure function of (seed, epoch), so a resumed run repeats the uninterrupted one bit
 for bit on a deterministic device. It must keep the run's plan (total steps, batch layout,
-tokenised data): anything else would change the schedule or the batches.
+tokenised data, AdamW's weight decay, betas and eps): anything else would change the
+schedule or the batches, or be overwritten by the saved optimizer state.
 """
 
 import math
@@ -150,6 +159,9 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
             "grad_accum": cfg.grad_accum, "seed": cfg.seed, "group_by_length": cfg.group_by_length,
             "warmup_steps": warmup, "train_rows": len(data.rows), "fsdp": cfg.fsdp,
             "train_data": checkpoint.data_fingerprint(data.rows)}
+    # So must the optimizer settings its saved state carries: loading it would bring them back.
+    plan.update({"weight_decay": cfg.weight_decay, "adam_beta1": cfg.adam_beta1,
+                 "adam_beta2": cfg.adam_beta2, "adam_eps": cfg.adam_eps})
 
     device, ckpt_root = accelerator.device, out_dir / "checkpoints"
     if device.type == "cpu" and cfg.return_cpu_memory:
@@ -178,6 +190,10 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
     if cfg.resume_from:
         state = checkpoint.load(checkpoint.resolve(cfg.resume_from, out_dir), accelerator,
                                 model, optimizer, fingerprint, plan)
+    # Applied steps drive the schedule (see the module's docstring). A checkpoint follows a
+    # read-back, so its counters give their number exactly.
+    applied_steps = torch.tensor(float(state["step"] - state["skipped"]), dtype=torch.float64,
+                                 device=device)
     log = RunLog(out_dir / "train_log.jsonl", total_steps, accelerator.is_main_process,
                  state["step"])
     log.print(f"{total_steps} optimizer steps ({micro_per_epoch} micro-batches/epoch/device, "
@@ -204,7 +220,7 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
                 local = torch.cat([sum(_counts(task, b) for b in host_batches), stop.flag()])
                 counts = accelerator.reduce(_to_device(local, device), reduction="sum")
                 n_units = counts[0].clamp(min=1)
-                lr = set_lr(optimizer, cfg.lr, lr_factor(step, warmup, total_steps))  # schedule
+                lr = cfg.lr * lr_factor(applied_steps, warmup, total_steps)  # schedule
                 loss_sum = torch.zeros((), device=device)
                 for i, batch in enumerate(batches):
                     # Gradients are all-reduced only after the window's last micro-batch.
@@ -219,15 +235,17 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
                 step_loss = accelerator.reduce(loss_sum, reduction="sum") / n_units
                 # Loss and norm are global, so every rank takes the same decision.
                 finite = _finite(step_loss, grad_norm, cfg)
-                applied = _optimizer_step(optimizer, accelerator, finite)  # update, if finite
+                with set_lr(optimizer, lr):
+                    applied = _optimizer_step(optimizer, accelerator, finite)  # update, if finite
+                applied_steps += applied
                 optimizer.zero_grad(set_to_none=True)                       # reset
 
             state["step"] = step + 1
             state["epoch"], state["micro_done"] = ((epoch + 1, 0) if done == micro_per_epoch
                                                    else (epoch, done))
-            pending.append({"step": step + 1, "epoch": epoch + done / micro_per_epoch, "lr": lr,
+            pending.append({"step": step + 1, "epoch": epoch + done / micro_per_epoch,
                             "figures": torch.cat([counts, torch.stack([x.to(device).double() for x
-                                in (step_loss, grad_norm, finite, applied)])])})
+                                in (step_loss, grad_norm, finite, applied, lr)])])})
             finished = state["step"] == total_steps
             eval_now = (finished or (cfg.eval_every and state["step"] % cfg.eval_every == 0)
                         or (not cfg.eval_every and done == micro_per_epoch))
@@ -386,7 +404,7 @@ def _flush(pending: list[dict], log: RunLog, state: dict[str, Any], timer: Timer
                 if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
     stopping, fault = False, None
     for p, (units, examples, real, padded, pairs, signal_, loss, grad_norm, finite,
-            applied) in zip(pending, rows):
+            applied, lr) in zip(pending, rows):
         stopping = stopping or signal_ > 0
         state["skipped"] += not applied
         if applied:  # a skipped step's loss is not finite: keep it out of the mean
@@ -396,7 +414,7 @@ def _flush(pending: list[dict], log: RunLog, state: dict[str, Any], timer: Timer
         state["units"] += units
         # Counts are summed over ranks: per device, to compare with one device's peak.
         tflops = meter.flops(real, examples, pairs) / per_step / 1e12 / meter.devices
-        record = {"step": p["step"], "epoch": round(p["epoch"], 4), "loss": loss, "lr": p["lr"],
+        record = {"step": p["step"], "epoch": round(p["epoch"], 4), "loss": loss, "lr": lr,
                   "grad_norm": grad_norm, "samples_per_s": examples / per_step,
                   "tokens_per_s": real / per_step, "units": int(units),
                   "padding": 1 - real / padded, "tflops": tflops, "skipped": state["skipped"]}

@@ -6,6 +6,8 @@ rate is at every step.
 """
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -40,20 +42,35 @@ def warmup_steps_for(total_steps: int, warmup_ratio: float, warmup_steps: int | 
     return math.ceil(total_steps * warmup_ratio)
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Multiplier on the peak lr for optimizer step `step` (0-based).
+def lr_factor(step: int | torch.Tensor, warmup: int, total: int) -> torch.Tensor:
+    """Multiplier on the peak lr for optimizer step `step` (0-based), as a float64 tensor.
 
     It rises linearly from 0 over `warmup` steps, so Adam's early, noisy second-moment
     estimates meet small updates, then falls linearly to 0 at `total`, so the last
-    updates are the gentlest.
+    updates are the gentlest. `step` may be a count kept on the device (the loop's count
+    of applied steps): the factor is then computed there, and the host does not wait.
     """
-    if step < warmup:
-        return step / max(1, warmup)
-    return max(0.0, (total - step) / max(1, total - warmup))
+    step = torch.as_tensor(step, dtype=torch.float64)
+    warming = step / max(1, warmup)
+    decaying = ((total - step) / max(1, total - warmup)).clamp(min=0.0)
+    return torch.where(step < warmup, warming, decaying)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, peak_lr: float, factor: float) -> float:
-    lr = peak_lr * factor
+@contextmanager
+def set_lr(optimizer: torch.optim.Optimizer, lr: torch.Tensor) -> Iterator[None]:
+    """Every group's lr is `lr` for the optimizer steps taken inside.
+
+    The fused AdamW reads a tensor lr where it lives, so an lr computed on the device
+    costs no wait (its CUDA kernel wants it in fp32); other optimizers take a number,
+    read back. Outside, the groups keep the number they had: a saved optimizer state
+    holds no tensor lr, and the loop gives every step its own lr anyway.
+    """
+    value = lr.float() if optimizer.defaults.get("fused") else float(lr)
+    before = [group["lr"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
+        group["lr"] = value
+    try:
+        yield
+    finally:
+        for group, number in zip(optimizer.param_groups, before):
+            group["lr"] = number

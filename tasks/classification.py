@@ -1,5 +1,7 @@
 """Sequence classification: labels to ids, tokenisation, the per-example loss, evaluation."""
 
+import inspect
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,13 +29,23 @@ class LabelMap:
     def label2id(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.names)}
 
+    @property
+    def named(self) -> bool:
+        """False where the training labels were bare int ids (names "0", "1", ...)."""
+        return self.names != [str(i) for i in range(len(self.names))]
+
 
 def label_map(train: datasets.Dataset, column: str) -> LabelMap:
-    """Ids for the label column, at least two classes."""
+    """Ids for the label column; the rows must hold at least two classes.
+
+    The classes the rows hold are counted, not those a `ClassLabel` declares: a cut of
+    a data set stored sorted by label can declare two and hold one.
+    """
     labels = _label_map(train, column)
-    if len(labels.names) < 2:
+    present = sorted(set(label_ids(train, column, labels, "the training data")))
+    if len(present) < 2:
         raise fail(f"label column '{column}' of the training data holds one class only "
-                   f"({labels.names[0]!r})", "train on examples of at least two classes")
+                   f"({labels.names[present[0]]!r})", "train on examples of at least two classes")
     return labels
 
 
@@ -56,15 +68,15 @@ def _label_map(train: datasets.Dataset, column: str) -> LabelMap:
 
 
 def label_ids(rows: datasets.Dataset, column: str, labels: LabelMap, where: str) -> list[int]:
+    """The rows' labels as ids of `labels`: names by name, int ids as they are."""
     values = list(rows[column])
-    if isinstance(rows.features[column], datasets.ClassLabel) or not values or \
-            not isinstance(values[0], str):
-        bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool)
-               or not 0 <= v < len(labels.names)]
-        if bad:
-            raise fail(f"{where} has labels outside 0..{len(labels.names) - 1} (e.g. {bad[0]!r})",
-                       "make eval labels match the training labels")
-        return list(values)
+    feature = rows.features[column]
+    if isinstance(feature, datasets.ClassLabel) and labels.named:
+        # A ClassLabel numbers its classes its own way (an eval split's may differ from the
+        # training data's sorted names): go by name. -1, "no label", is refused here.
+        values = [feature.names[i] for i in _checked_ids(values, len(feature.names), where)]
+    if not values or not isinstance(values[0], str):
+        return _checked_ids(values, len(labels.names), where)
     unknown = sorted(set(values) - set(labels.names))
     if unknown:
         raise fail(f"{where} has labels not seen in training: {', '.join(map(str, unknown[:5]))}",
@@ -73,9 +85,37 @@ def label_ids(rows: datasets.Dataset, column: str, labels: LabelMap, where: str)
     return [ids[v] for v in values]
 
 
+def forward_inputs(model: torch.nn.Module) -> frozenset[str]:
+    """The names the model's forward takes: a tokenizer's extra outputs reach it where
+    it has a use for them (BERT's token_type_ids), and not where it has none (DistilBERT)."""
+    return frozenset(inspect.signature(model.forward).parameters) - {"labels"}
+
+
+def one_class_warning(rows: list[dict], labels: LabelMap, where: str) -> str | None:
+    """A warning line for tokenised rows of a single class, None for rows of several."""
+    present = {row["labels"] for row in rows}
+    if len(present) != 1:
+        return None
+    return (f"warning: {where} holds one class only ({labels.names[present.pop()]!r}): its "
+            f"precision, recall and F1 say little (those of a class it lacks read 0)")
+
+
+def _checked_ids(values: list, n: int, where: str) -> list[int]:
+    bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n]
+    if bad:
+        raise fail(f"{where} has labels outside 0..{n - 1} (e.g. {bad[0]!r})",
+                   "make eval labels match the training labels")
+    return values
+
+
 def tokenize(rows: datasets.Dataset, tokenizer, text_column: str, pair_column: str | None,
              label_column: str, labels: LabelMap, max_length: int, where: str) -> list[dict]:
-    """Tokenise once, truncating to `max_length`; padding waits for the batch."""
+    """Tokenise once, truncating to `max_length`; padding waits for the batch.
+
+    A row keeps every per-token output of the tokenizer (BERT's token_type_ids, which
+    mark a pair's second text) but the attention mask, which padding builds: the model
+    must see in training and evaluation what `tokenizer(a, b)` gives it when served.
+    """
     texts = list(rows[text_column])
     pairs = list(rows[pair_column]) if pair_column else None
     for name, column in ((text_column, texts), (pair_column, pairs)):
@@ -84,8 +124,9 @@ def tokenize(rows: datasets.Dataset, tokenizer, text_column: str, pair_column: s
                        "name a column of strings")
     encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     ids = label_ids(rows, label_column, labels, where)
-    return [{"input_ids": input_ids, "labels": label}
-            for input_ids, label in zip(encoded["input_ids"], ids)]
+    extra = [key for key in encoded if key not in ("input_ids", "attention_mask")]
+    return [{"input_ids": input_ids, **{key: encoded[key][i] for key in extra}, "labels": label}
+            for i, (input_ids, label) in enumerate(zip(encoded["input_ids"], ids))]
 
 
 class ClassificationTask:
@@ -94,8 +135,10 @@ class ClassificationTask:
     unit = "examples"
 
     def __init__(self, eval_rows: list[dict], pad_id: int, eval_batch_size: int,
-                 num_labels: int, accelerator, pad_multiple: int = 1):
+                 num_labels: int, accelerator, pad_multiple: int = 1,
+                 model_inputs: Collection[str] = ("input_ids", "attention_mask")):
         self.eval_rows = eval_rows
+        self.model_inputs = frozenset(model_inputs)  # what of a batch the model is given
         self.pad_id = pad_id
         self.pad_multiple = pad_multiple
         self.eval_batch_size = eval_batch_size
@@ -106,11 +149,15 @@ class ClassificationTask:
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         return pad_batch(rows, self.pad_id, self.pad_multiple)
 
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch's tensors the model takes (not the labels: the loss is ours)."""
+        return {key: value for key, value in batch.items() if key in self.model_inputs}
+
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.tensor(len(batch["labels"]), device=batch["labels"].device)
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**self._inputs(batch)).logits
         # In fp32: softmax over bf16 logits loses the small differences the loss is made of.
         return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
 
@@ -125,8 +172,7 @@ class ClassificationTask:
             batch = {k: v.to(acc.device) for k, v in
                      self.collate([self.eval_rows[i] for i in filler(idx)]).items()}
             with acc.autocast():
-                logits = model(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"]).logits.float()
+                logits = model(**self._inputs(batch)).logits.float()
             losses = F.cross_entropy(logits, batch["labels"], reduction="none")
             probs = logits.softmax(-1)
             local += [(i, int(label), float(loss), p) for i, label, loss, p in  # none if filler

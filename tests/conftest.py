@@ -31,3 +31,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cpu_amp(monkeypatch):
+    """Mixed precision on a CPU, standing in for a GPU's: `cpu_amp(module, precision,
+    **scaler_kwargs)` makes `module.make_accelerator` return an Accelerator that autocasts
+    to `precision` and, for fp16, scales the loss with a GradScaler, as on a GPU.
+
+    Accelerate's state is shared by the whole process and set once (to "no", by every other
+    test), and it gives a CPU no fp16 scaler: both are set here for this test alone.
+    """
+    import torch
+    from accelerate import Accelerator
+
+    def patch(module, precision: str, **scaler_kwargs):
+        def make_accelerator(mixed_precision: str):
+            accelerator = Accelerator()
+            monkeypatch.setattr(accelerator.state, "_mixed_precision", precision)
+            accelerator.native_amp = True
+            if precision == "fp16":
+                accelerator.scaler = torch.amp.GradScaler("cpu", **scaler_kwargs)
+            return accelerator
+        monkeypatch.setattr(module, "make_accelerator", make_accelerator)
+    return patch

@@ -90,6 +90,20 @@ def test_yaml_file_with_flag_spelling_and_lists(tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_empty_lists_in_the_file_keep_the_defaults(tmp_path, suffix):
+    """Issue #16, extra item: a file holding an empty list (`add_example: []`, the default)
+    failed with "--add-example: expected 2 arguments"; an empty list now means "none"."""
+    import train_lora
+    values = {"add_example": [], "target_modules": [], "lora_r": [4, 8]}
+    text = json.dumps(values) if suffix == ".json" else \
+        "add_example: []\ntarget_modules: []\nlora_r: [4, 8]\n"
+    cfg = parse_config(train_lora.LoraRunConfig, ["--config", write(tmp_path / f"c{suffix}", text)],
+                       train_lora.__doc__)
+    assert cfg.add_example == [] and cfg.lora_r == [4, 8]
+    assert cfg.target_modules == train_lora.LLAMA_PROJECTIONS
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_bool_settings_from_the_file(tmp_path, suffix):
     text = ('{"group_by_length": false, "overwrite": true}' if suffix == ".json"
             else "group_by_length: false\noverwrite: yes\n")

@@ -8,6 +8,7 @@ process, so a run killed in one process can be resumed in another.
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -229,3 +230,28 @@ def test_skip_nonfinite_skips_and_counts(tiny_model, tmp_path, monkeypatch):
     assert metrics["train_loss"] == pytest.approx(sum(kept) / 7)  # the skipped step is left out
     saved = AutoModelForSequenceClassification.from_pretrained(out / "model")
     assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
+def test_a_skipped_step_does_not_advance_the_schedule(tiny_model, tmp_path, monkeypatch):
+    """Issue #16, item 6: a skipped step consumed its slot of warmup and decay. As in HF
+    Trainer, the schedule now advances on applied steps only, while the run still ends after
+    its planned steps, the skipped one included; a resume continues the same schedule."""
+    at_forward(monkeypatch, 5, InfGrad.apply)
+    out = tmp_path / "run"
+    flags = demo(tiny_model, out, *SMALL, "--skip-nonfinite", "--warmup-steps", "2")
+    assert run_cli(train_cls.main, flags) == 0
+    records = train_records(out)
+    applied_before = [0, 1, 2, 3, 4, 4, 5, 6]  # step 5 is skipped
+    peak, warmup, total = 1e-3, 2, 8
+    expected = [peak * (n / warmup if n < warmup else (total - n) / (total - warmup))
+                for n in applied_before]
+    assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-12, abs=0)
+    final = out / "checkpoints" / "step-000008"
+    optimizer = torch.load(final / "optimizer.pt", weights_only=True)
+    assert all(float(s["step"]) == 7 for s in optimizer["state"].values())
+
+    shutil.rmtree(final)  # resume from step 6, after the skip
+    monkeypatch.undo()
+    assert run_cli(train_cls.main, demo(tiny_model, out, *SMALL, "--skip-nonfinite",
+                                        "--warmup-steps", "2", "--resume-from", "latest")) == 0
+    assert [r["lr"] for r in train_records(out)] == [r["lr"] for r in records]

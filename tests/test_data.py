@@ -107,10 +107,19 @@ def test_require_columns_names_the_flag_and_the_columns():
         require_columns(rows, {"text-column": "sentence"}, "the eval data")
 
 
-def test_take_keeps_the_first_rows():
-    rows = datasets.Dataset.from_list(ROWS)
-    assert list(take(rows, 2)["label"]) == [1, 0]
-    assert len(take(rows, 10)) == 3 and len(take(rows, None)) == 3
+def test_take_is_a_seeded_sample_in_the_datas_order():
+    """Issue #16, item 3: --max-*-samples took the first N rows, and a data set stored sorted
+    by label (IMDb's are) gave a quick run one class."""
+    rows = datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(100)],
+                                       "label": [0] * 50 + [1] * 50})
+    cut = take(rows, 10, seed=0)
+    assert len(cut) == 10 and set(cut["label"]) == {0, 1}
+    assert list(cut["text"]) == list(take(rows, 10, seed=0)["text"])  # the same rows per seed
+    assert list(cut["text"]) != list(take(rows, 10, seed=1)["text"])
+    kept = [int(text.split()[1]) for text in cut["text"]]
+    assert kept == sorted(kept)
+    for limit in (100, 500, None):  # nothing to cut: every row, in order
+        assert list(take(rows, limit, seed=0)["text"]) == list(rows["text"])
 
 
 # --- labels ---------------------------------------------------------------------------------
@@ -139,6 +148,39 @@ def test_class_label_names_are_kept_in_their_order():
     labels = label_map(train, "label")
     assert labels.names == ["positive", "negative"]
     assert label_ids(train, "label", labels, "train") == [1, 0, 0]
+
+
+@pytest.mark.parametrize("values,feature,name", [
+    ([0, 0, 0], datasets.ClassLabel(names=["neg", "pos"]), "neg"),
+    ([1, 1], None, "1"),  # ids 0..1, but only 1 is there
+])
+def test_one_class_check_counts_the_labels_present(values, feature, name):
+    """Issue #16, item 3: with a ClassLabel column the one-class check read the declared
+    names, not the labels the rows hold, and never fired."""
+    with pytest.raises(UsageError, match=rf"holds one class only \('{name}'\)"):
+        label_map(ds(values, feature), "label")
+
+
+def test_class_label_eval_ids_are_mapped_by_name():
+    """Issue #16, item 4: eval ClassLabel ids were used as they are, so string training
+    labels (numbered in sorted order) and a ClassLabel eval split silently swapped classes."""
+    labels = label_map(ds(["pos", "neg", "pos"]), "label")  # neg = 0, pos = 1
+    evaluation = ds([0, 1, 1], datasets.ClassLabel(names=["pos", "neg"]))  # pos = 0 here
+    assert label_ids(evaluation, "label", labels, "the eval data") == [1, 0, 0]
+    # Training ids without names: the eval ids can only be taken as ids.
+    bare = label_map(ds([0, 1]), "label")
+    assert label_ids(evaluation, "label", bare, "the eval data") == [0, 1, 1]
+
+
+def test_class_label_eval_names_unknown_to_training_are_refused():
+    """Issue #16, item 4: an eval class the training data lacks is named in one line."""
+    labels = label_map(ds(["neg", "pos"]), "label")
+    feature = datasets.ClassLabel(names=["neg", "pos", "neutral", "mixed"])
+    with pytest.raises(UsageError, match=r"^the eval data has labels not seen in training: "
+                                         r"neutral — "):
+        label_ids(ds([0, 2, 1], feature), "label", labels, "the eval data")
+    with pytest.raises(UsageError, match=r"outside 0\.\.3 \(e\.g\. -1\)"):  # unlabelled rows
+        label_ids(ds([0, -1], feature), "label", labels, "the eval data")
 
 
 def test_int_labels_are_ids():
@@ -191,3 +233,20 @@ def test_string_label_names_are_saved_with_the_run(tmp_path, one_thread):
     assert model_config["label2id"] == {v: int(k) for k, v in expected.items()}
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").open()]
     assert [p["label"] for p in predictions] == [2, 0, 1, 2, 0, 1]
+
+
+def test_a_run_on_data_sorted_by_label_samples_both_classes(tmp_path, capsys, one_thread):
+    """Issue #16, item 3, end to end: training rows stored sorted by label, cut with
+    --max-train-samples, train on both classes; an eval set of one class is trained on but
+    flagged, as its precision, recall and F1 say little."""
+    import train_cls
+    rows = [{"text": f"{name} words here {i}", "label": name}
+            for name in ("neg", "pos") for i in range(40)]
+    train_file = write_rows(tmp_path / "train.jsonl", rows)
+    eval_file = write_rows(tmp_path / "eval.jsonl", rows[:10])  # "neg" only
+    out = tmp_path / "run"
+    assert train_cls.main(["--demo", "--train-file", train_file, "--eval-file", eval_file,
+                           "--max-train-samples", "16", "--max-steps", "1", "--batch-size", "8",
+                           "--max-length", "16", "--output-dir", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["n_train"] == 16
+    assert "warning: the eval data holds one class only ('neg')" in capsys.readouterr().out

@@ -38,6 +38,27 @@ def test_step_flops_equal_pytorchs_count(build):
     assert ours == counted_flops(model, ids)
 
 
+def tiny_gpt2_classifier():
+    from transformers import GPT2Config
+    config = GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                        num_labels=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+
+
+def test_gpt2_conv1d_layers_are_priced():
+    """Issue #16, item 8: GPT-2's projections are transformers' `Conv1D` (a Linear with its
+    weight stored transposed), and a GPT-2 classifier counted 0 FLOPs per token for them."""
+    torch.manual_seed(0)
+    model = tiny_gpt2_classifier()
+    batch, length = 3, 40
+    ids = torch.randint(5, 300, (batch, length))
+    ours = StepFlops(model)(batch * length, batch, batch * length ** 2)
+    # GPT-2's head scores every token and keeps the last one's; MFU prices the one vector
+    # a classifier needs (PER_EXAMPLE_MODULES), the counter sees the head on every token.
+    head = 6 * model.score.weight.numel() * batch * (length - 1)
+    assert ours == counted_flops(model, ids) - head
+
+
 def test_frozen_weights_cost_no_weight_gradient():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_llama_config(300))

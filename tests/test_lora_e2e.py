@@ -120,3 +120,25 @@ def test_demo_adapters_load_onto_the_saved_tiny_base(tmp_path):
     assert "lm_head" in config["target_modules"]
     model = AutoPeftModelForCausalLM.from_pretrained(out / "r2" / "adapter")
     assert model.peft_config["default"].r == 2
+
+
+def test_every_rank_of_a_sweep_starts_from_the_same_loss_scale(tmp_path, cpu_amp, monkeypatch):
+    """Issue #16, item 5: the sweep's one Accelerator kept its fp16 GradScaler across ranks,
+    so a later rank started from the scale the previous one had reached."""
+    cpu_amp(train_lora, "fp16", init_scale=2.0, growth_interval=1)  # doubles every good step
+    scales = []
+    real_train = train_lora.train
+
+    def train(model, task, data, cfg, accelerator, out_dir):
+        scales.append(accelerator.scaler.get_scale())
+        result = real_train(model, task, data, cfg, accelerator, out_dir)
+        scales.append(accelerator.scaler.get_scale())
+        return result
+
+    monkeypatch.setattr(train_lora, "train", train)
+    assert train_lora.main(["--demo", "--lora-r", "2", "4", "--max-steps", "3",
+                            "--max-train-samples", "64", "--mixed-precision", "fp16",
+                            "--output-dir", str(tmp_path / "out")]) == 0
+    first_start, first_end, second_start, second_end = scales
+    assert first_end != first_start  # training moved the scale: the test can tell
+    assert second_start == first_start == 2.0 and second_end == first_end

@@ -36,8 +36,10 @@ def test_schedule_matches_hf_linear_warmup_step_by_step(warmup, total):
     ours_opt = _optimizer()
     ours, theirs = [], []
     for step in range(total + 1):  # one past the end: the schedule has reached 0
-        ours.append(set_lr(ours_opt, PEAK, lr_factor(step, warmup, total)))
-        assert ours_opt.param_groups[0]["lr"] == ours[-1]
+        lr = PEAK * lr_factor(step, warmup, total)
+        with set_lr(ours_opt, lr):
+            ours.append(ours_opt.param_groups[0]["lr"])
+        assert ours[-1] == float(lr)
         theirs.append(hf_opt.param_groups[0]["lr"])
         hf_opt.step()
         scheduler.step()
@@ -49,8 +51,20 @@ def test_schedule_matches_hf_linear_warmup_step_by_step(warmup, total):
         assert ours[warmup] == pytest.approx(PEAK) and max(ours) == pytest.approx(PEAK)
 
 
+def test_the_fused_step_gets_the_lr_as_a_tensor_and_the_groups_keep_a_number(tiny_model):
+    """The fused AdamW is handed the lr computed on the device, with no read-back; outside
+    the step the groups hold a number, so a saved optimizer state holds no tensor lr."""
+    optimizer = build_adamw(tiny_model, 1e-3, 0.01)
+    lr = 1e-3 * lr_factor(torch.tensor(3.0, dtype=torch.float64), 4, 10)
+    with set_lr(optimizer, lr):
+        for group in optimizer.param_groups:
+            assert torch.is_tensor(group["lr"]) and group["lr"].dtype == torch.float32
+            assert float(group["lr"]) == pytest.approx(0.75e-3)
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-3, 1e-3]
+
+
 def test_schedule_shape_warmup_then_linear_decay():
-    factors = [lr_factor(s, 4, 12) for s in range(13)]
+    factors = [float(lr_factor(s, 4, 12)) for s in range(13)]
     assert factors[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert factors[4:] == pytest.approx([(12 - s) / 8 for s in range(4, 13)])
 

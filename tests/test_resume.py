@@ -159,6 +159,22 @@ def test_resume_refuses_a_different_schedule(interrupted, tmp_path, capsys):
     assert "total_steps=16" in err and "total_steps=24" in err
 
 
+@pytest.mark.parametrize("flag,saved,changed", [
+    ("--weight-decay", "weight_decay=0.01", "0.05"), ("--adam-beta1", "adam_beta1=0.9", "0.8"),
+    ("--adam-beta2", "adam_beta2=0.999", "0.95"), ("--adam-eps", "adam_eps=1e-08", "1e-06")])
+def test_resume_refuses_changed_optimizer_settings(interrupted, tmp_path, capsys, flag, saved,
+                                                   changed):
+    """Issue #16, item 7: a resume silently kept the checkpoint's weight decay, betas and eps
+    (optimizer.load_state_dict overwrote the new ones); a changed one is now refused."""
+    out = tmp_path / "run"
+    shutil.copytree(interrupted, out)
+    code = run_cli(train_cls.main, FLAGS + ["--output-dir", str(out), "--resume-from", "latest",
+                                            flag, changed])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and saved in err[0] and f"{saved.split('=')[0]}={float(changed)}" in err[0]
+
+
 def test_resume_of_a_finished_run_just_scores_it(reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
