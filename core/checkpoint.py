@@ -194,7 +194,9 @@ def data_fingerprint(rows) -> str:
     same data, tokenised the same way, for its skipped batches to be the ones done."""
     digest = hashlib.sha256()
     for row in rows:
-        for key in ("input_ids", "labels"):
+        # Segment ids only where rows have them, so older checkpoints keep their fingerprint.
+        for key in ("input_ids", "labels") + (("token_type_ids",) if "token_type_ids" in row
+                                               else ()):
             digest.update(np.asarray(row.get(key, -1), dtype=np.int64).tobytes() + b"|")
     return digest.hexdigest()[:16]
 

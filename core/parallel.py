@@ -45,6 +45,10 @@ def make_accelerator(mixed_precision: str):
         raise UsageError(f"--mixed-precision {mixed_precision} is not available here "
                          f"({str(err).splitlines()[0][:160]}) — pick another --mixed-precision, "
                          f"or 'no'") from None
+    if mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate may accept it, then neither autocasts nor scales: an fp32 run in disguise.
+        raise fail("--mixed-precision fp16 is not available here (a CPU has no fp16 autocast "
+                   "with a gradient scaler)", "use --mixed-precision bf16 or no on a CPU")
     if accelerator.num_processes != launched_world_size():
         raise fail(f"the launcher started {launched_world_size()} processes but this one would "
                    f"train alone ({accelerator.distributed_type.value}), so each would write the "
