@@ -1,0 +1,50 @@
+"""The rank sweep's report: the loss plot, sweep.json and the table (sweep.md, printed)."""
+
+import json
+import math
+from pathlib import Path
+
+from core import run_dir
+from eval.lm import plot_loss_vs_r
+
+
+def final_train_loss(r_dir: Path) -> float:
+    """Mean loss of the last tenth of the steps: the end of the curve, less noisy than one step."""
+    losses = [record["loss"] for record in read_log(r_dir) if record["type"] == "train"]
+    tail = losses[-max(1, len(losses) // 10):]
+    return sum(tail) / len(tail)
+
+
+def read_log(r_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (r_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def write_sweep(out_dir: Path, results: list[dict]) -> None:
+    """loss_vs_r.png, sweep.json and sweep.md; the table is also printed."""
+    from rich.console import Console
+    from rich.table import Table
+
+    curves = {m["r"]: [(rec["step"], rec["loss"]) for rec in read_log(out_dir / f"r{m['r']}")
+                       if rec["type"] == "train"] for m in results}
+    plot_loss_vs_r(curves, {m["r"]: m["eval_loss"] for m in results},
+                   results[0]["eval_loss_before"], out_dir / "loss_vs_r.png")
+    run_dir.write_json(out_dir / "sweep.json", results)
+    # Short headers, so the printed table fits an 80-column terminal.
+    header = ["r", "alpha", "params", "% params", "train loss", "eval loss", "ppl", "train s",
+              "tok/s"]
+    rows = [[str(m["r"]), f"{m['lora_alpha']:g}", f"{m['trainable_params']:,}",
+             f"{100 * m['trainable_params'] / m['total_params']:.2f}",
+             f"{m['final_train_loss']:.4f}", f"{m['eval_loss']:.4f}", f"{m['perplexity']:.2f}",
+             f"{m['train_s']:.1f}", f"{m['train_tokens_per_s']:.0f}"] for m in results]
+    before = results[0]["eval_loss_before"]
+    note = f"Eval loss before training (the base model): {before:.4f} (perplexity " \
+           f"{math.exp(min(before, 700)):.2f})."
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    (out_dir / "sweep.md").write_text("\n".join(["# LoRA rank sweep", "", *lines, "", note]) + "\n")
+    table = Table(title="LoRA rank sweep", caption=note)
+    for name in header:
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)

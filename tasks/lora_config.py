@@ -1,0 +1,101 @@
+"""Every setting of train_lora.py, typed, with its help text and its checks.
+
+The flags of `python train_lora.py --help` are generated from these fields
+(core/config.py); `config.json` of a run is this dataclass, resolved.
+"""
+
+import dataclasses
+
+from core.config import TrainConfig, opt
+from core.errors import fail
+from tasks.instruct import pair_examples
+from tasks.lora_model import LLAMA_PROJECTIONS
+
+DEFAULT_MODEL = "openlm-research/open_llama_3b_v2"
+
+
+@dataclasses.dataclass
+class LoraRunConfig(TrainConfig):
+    model: str = opt(DEFAULT_MODEL, "base model on the hub or a local directory")
+    dataset: str | None = opt("tatsu-lab/alpaca",
+                              "data set on the hub (ignored when --train-file is given)")
+    eval_split: str | None = opt(None, "split of --dataset to evaluate on "
+                                       "(default: hold out --eval-fraction of the training rows)")
+    output_dir: str | None = opt(None, "where the run writes its files (default: runs/lora-TIME)")
+    max_length: int = opt(512, "longest row in tokens: a longer prompt loses its middle; a row "
+                               "whose response alone does not fit is dropped")
+    lr: float = opt(2e-4, "peak learning rate (LoRA's few weights take a higher one than full "
+                          "fine-tuning)")
+    batch_size: int = opt(8, "examples per micro-batch on each device")
+    eval_batch_size: int = opt(8, "examples per evaluation batch on each device")
+    weight_decay: float = opt(0.0, "AdamW weight decay on the LoRA matrices")
+    warmup_ratio: float = opt(0.03, "fraction of optimizer steps spent warming up the learning rate")
+
+    instruction_column: str = opt("instruction", "column of instructions (optional: without it "
+                                                 "the input is the instruction)")
+    input_column: str = opt("input", "column of inputs (optional: without it inputs are empty)")
+    output_column: str = opt("output", "column of the answers to learn")
+    prompt_template: str = opt("alpaca", "'alpaca' (Alpaca's instruction/input/response template, "
+                                         "and its variant without the input section for rows with "
+                                         "an empty input), a template with {instruction} and "
+                                         "{input} (\\n = newline), or a file holding one")
+    prompt_template_no_input: str | None = opt(None, "template with {instruction} only, for rows "
+                                                     "with an empty input (default: the main "
+                                                     "template with an empty {input})")
+    eval_fraction: float = opt(0.05, "without --eval-file or --eval-split, hold out this seeded "
+                                     "fraction of the training rows (the same rows for every r)")
+    add_example: list[list[str]] = opt([], "append a question/answer pair to the training rows "
+                                           "(repeatable; never added to the eval rows)",
+                                       action="append", nargs=2, type=str,
+                                       metavar=("QUESTION", "ANSWER"))
+    extra_examples: str | None = opt(None, "file of extra training rows, same columns as the data")
+
+    slow_tokenizer: bool | None = opt(None, "load the sentencepiece tokenizer from tokenizer.model "
+                                            "instead of the fast one (default: on for models named "
+                                            "open_llama, whose fast conversion tokenises wrongly)")
+    lora_r: list[int] = opt([8], "LoRA rank(s); several run a sweep, one training per rank")
+    lora_alpha: float | None = opt(None, "LoRA alpha, the same for every r (default: 2r, so "
+                                         "alpha/r stays 2 across a sweep)")
+    rslora: bool = opt(False, "rank-stabilised LoRA: scale updates by alpha/sqrt(r), not alpha/r")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA branch's input")
+    target_modules: list[str] = opt(LLAMA_PROJECTIONS, "layers to adapt, by name (space- or "
+                                                       "comma-separated), or all-linear")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: "
+                                              "less memory, about a third more time")
+    merge: bool = opt(False, "also save each base model with its adapter merged in, to r{R}/merged")
+
+    @property
+    def targets(self) -> list[str]:
+        return [name for item in self.target_modules for name in item.split(",") if name]
+
+    def alpha(self, r: int) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * r
+
+    def validate(self) -> None:
+        super().validate()
+        bad = [r for r in self.lora_r if r <= 0]
+        if bad:
+            raise fail(f"--lora-r must be positive, got {bad[0]}", "pass ranks such as 4 8 16")
+        if len(set(self.lora_r)) != len(self.lora_r):
+            raise fail(f"--lora-r lists a rank twice: {' '.join(map(str, self.lora_r))}",
+                       "give each rank once")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise fail(f"--lora-alpha must be positive, got {self.lora_alpha}",
+                       "pass a value above 0, or leave it out for 2r")
+        if not 0 <= self.lora_dropout < 1:
+            raise fail(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}",
+                       "pass a fraction such as 0.05")
+        if not 0 < self.eval_fraction < 1:
+            raise fail(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}",
+                       "pass a fraction such as 0.05")
+        if self.train_file and self.eval_split and not self.eval_file:
+            raise fail("--eval-split names a split of --dataset, but the rows come from "
+                       "--train-file", "pass --eval-file, or drop --eval-split to hold out "
+                       "--eval-fraction of the training rows")
+        if not self.targets or ("all-linear" in self.targets and len(self.targets) > 1):
+            raise fail(f"--target-modules {' '.join(self.target_modules)} is not a list of layer "
+                       f"names", "name layers such as q_proj v_proj, or pass all-linear alone")
+        if self.resume_from not in (None, "latest"):
+            raise fail(f"--resume-from {self.resume_from}: a sweep resumes each rank from its "
+                       f"own directory", "pass --resume-from latest with the sweep's --output-dir")
+        pair_examples(self.add_example)  # an empty question or answer is refused here
