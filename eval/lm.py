@@ -43,6 +43,44 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE, reduction="sum")
 
 
+# Rows of logits upcast to fp32 at a time: bounds the fp32 copy to CHUNK x vocabulary.
+CHUNK = 1024
+
+
+def target_loss_sum(model: torch.nn.Module, head: torch.nn.Module | None,
+                    batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The summed fp32 cross-entropy of a batch's target tokens, with the LM head run
+    on target positions only.
+
+    Most positions of an instruction batch are prompt or padding: nothing is learnt
+    from their logits, yet the head (vocabulary x hidden, a fifth of a small model)
+    and a softmax over the vocabulary would run there too. A hook on the head's input
+    keeps only the hidden states whose next token is a target, so the model returns
+    logits of shape [targets, vocabulary]. It runs inside the model's forward, so
+    data-parallel and FSDP wrappers, and a LoRA adapter on the head, work unchanged.
+    `head` is the model's output embedding (`get_output_embeddings()`); None falls
+    back to full logits.
+    """
+    labels = batch["labels"]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if head is None:
+        return token_loss_sum(model(**inputs).logits, labels)
+    keep = labels[:, 1:] != IGNORE  # position t predicts token t + 1
+
+    def only_targets(module, args):
+        return (args[0][:, :-1][keep],) + args[1:]
+
+    handle = head.register_forward_pre_hook(only_targets)
+    try:
+        logits = model(**inputs).logits  # [targets, vocabulary]
+    finally:
+        handle.remove()
+    targets = labels[:, 1:][keep]
+    return sum((F.cross_entropy(logits[i:i + CHUNK].float(), targets[i:i + CHUNK],
+                                reduction="sum") for i in range(0, len(targets), CHUNK)),
+               start=logits.sum().float() * 0)  # 0, yet in the graph when there is no target
+
+
 @torch.no_grad()
 def evaluate_lm(model: torch.nn.Module, rows: Sequence[dict],
                 collate: Callable[[list[dict]], dict[str, torch.Tensor]], batch_size: int,
@@ -54,17 +92,17 @@ def evaluate_lm(model: torch.nn.Module, rows: Sequence[dict],
     keeps the mean weighted by tokens rather than by rank.
     """
     lengths = [len(r["input_ids"]) for r in rows]
+    head = output_head(model)
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, tokens, rows
     for idx in eval_batches(len(rows), batch_size, accelerator.num_processes,
                             accelerator.process_index, lengths):
         batch = {k: v.to(accelerator.device)
                  for k, v in collate([rows[i] for i in filler(idx)]).items()}
         with accelerator.autocast():
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
+            loss_sum = target_loss_sum(model, head, batch)
         if not idx:  # a filler batch: see core.batching.eval_batches
             continue
-        totals += torch.stack([token_loss_sum(logits, batch["labels"]).double(),
+        totals += torch.stack([loss_sum.double(),
                                target_count(batch["labels"]).double(),
                                torch.tensor(len(idx), dtype=torch.float64,
                                             device=accelerator.device)])
@@ -74,6 +112,13 @@ def evaluate_lm(model: torch.nn.Module, rows: Sequence[dict],
     loss = loss_sum / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),  # exp(>709) overflows a float
             "n_eval_tokens": int(tokens), "n_eval": int(n_rows)}
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The LM head of a causal LM, inside any data-parallel or peft wrapper."""
+    inner = getattr(model, "module", model)  # DDP keeps the model as .module
+    get = getattr(inner, "get_output_embeddings", None)
+    return get() if get else None
 
 
 def smooth(values: Sequence[float], weight: float = 0.8) -> list[float]:

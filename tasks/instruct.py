@@ -55,7 +55,7 @@ import torch
 
 from core.collate import pad_batch
 from core.errors import fail
-from eval.lm import IGNORE, evaluate_lm, target_count, token_loss_sum
+from eval.lm import IGNORE, evaluate_lm, output_head, target_count, target_loss_sum
 
 ALPACA = "alpaca"
 ALPACA_WITH_INPUT = (
@@ -286,8 +286,7 @@ class CausalLMTask:
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # Not the model's `labels=` loss: that is a mean over this micro-batch alone,
         # and the loop needs the sum to weight every token of the step equally.
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return token_loss_sum(logits, batch["labels"])
+        return target_loss_sum(model, output_head(model), batch)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
         return evaluate_lm(model, self.eval_rows, self.collate, self.eval_batch_size,

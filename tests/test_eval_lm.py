@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from core.collate import pad_batch
 from core.demo import tiny_llama_config
-from eval.lm import evaluate_lm, plot_loss_vs_r, smooth, target_count, token_loss_sum
+from eval.lm import (evaluate_lm, output_head, plot_loss_vs_r, smooth, target_count,
+                     target_loss_sum, token_loss_sum)
 
 VOCAB = 97
 
@@ -37,6 +38,59 @@ def test_token_loss_matches_the_models_own_labels_loss(model):
         out = model(**batch)  # HF shifts internally and averages over non -100 targets
         ours = token_loss_sum(out.logits, batch["labels"]) / target_count(batch["labels"])
     torch.testing.assert_close(ours, out.loss)
+
+
+def grads_of(model, loss_fn) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                           if p.grad is not None}
+
+
+def test_head_on_targets_only_gives_the_models_own_loss_and_gradients():
+    """The LM head runs on target positions only (speed issue, item 2), yet the loss
+    and every gradient equal those of the model's own `labels=` loss, in fp32."""
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(tiny_llama_config(VOCAB)).train()
+    batch = pad_batch(rows(4), pad_id=0)
+    count = target_count(batch["labels"])
+    seen = []
+    handle = lm.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    ours, ours_grads = grads_of(lm, lambda: target_loss_sum(lm, output_head(lm), batch) / count)
+    handle.remove()
+    theirs, their_grads = grads_of(lm, lambda: lm(**batch).loss)
+    assert seen == [(int(count), lm.config.hidden_size)]  # one row per target, no more
+    torch.testing.assert_close(ours, theirs)
+    assert ours_grads.keys() == their_grads.keys()
+    for name in their_grads:
+        torch.testing.assert_close(ours_grads[name], their_grads[name], rtol=1e-5, atol=1e-7)
+
+
+def test_head_on_targets_only_trains_a_lora_adapter_on_the_head():
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(tiny_llama_config(VOCAB))
+    lm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
+                                         lora_dropout=0.0, init_lora_weights=False))
+    batch = pad_batch(rows(3), pad_id=0)
+    count = target_count(batch["labels"])
+    ours, ours_grads = grads_of(lm, lambda: target_loss_sum(lm, output_head(lm), batch) / count)
+    theirs, their_grads = grads_of(lm, lambda: lm(**batch).loss)
+    torch.testing.assert_close(ours, theirs)
+    head = [n for n in their_grads if "lm_head.lora_" in n]
+    assert len(head) == 2 and all(ours_grads[n].abs().sum() > 0 for n in head)
+    for name in their_grads:
+        torch.testing.assert_close(ours_grads[name], their_grads[name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_batch_without_targets_still_back_propagates():
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(tiny_llama_config(VOCAB))
+    batch = pad_batch([{"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}], pad_id=0)
+    loss = target_loss_sum(lm, output_head(lm), batch)
+    loss.backward()
+    assert loss.item() == 0.0
 
 
 def test_target_count_excludes_the_first_position_and_masked_labels():
