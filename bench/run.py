@@ -110,6 +110,8 @@ def prepare(name: str, spec: dict, args, work: Path, on_gpu: bool) -> dict:
     wdir = work / name
     wdir.mkdir(parents=True, exist_ok=True)
     job = {**spec, "workload": name, "steps": args.steps, "peak_tflops": args.peak_tflops}
+    if args.mixed_precision:  # both sides: rawtune's autocast, Trainer's bf16=True
+        job["mixed_precision"] = args.mixed_precision
     minilm = SHARED / "models" / "all-MiniLM-L6-v2"
 
     if spec["kind"] == "cls":
@@ -462,6 +464,7 @@ def _value(text: str):
 
 def _trainer_args(job: dict, **kw):
     """Trainer's defaults, with the hyperparameters the rawtune side gets."""
+    import torch
     from transformers import TrainingArguments
     extra = {}
     for item in job["extra"]:
@@ -473,6 +476,7 @@ def _trainer_args(job: dict, **kw):
         num_train_epochs=job["epochs"], max_steps=job["steps"] or -1,
         weight_decay=job["weight_decay"], warmup_steps=job.get("warmup_steps", 0),
         max_grad_norm=1.0, seed=SEED, bf16=job.get("mixed_precision") == "bf16",
+        use_cpu=not torch.cuda.is_available(),  # Trainer's bf16 on a CPU asks for it
         train_sampling_strategy=("group_by_length" if job["side"] == "trainer-grouped"
                                  else "random"),
         report_to="none", disable_tqdm=True)
@@ -583,7 +587,7 @@ def run_side(job: dict, side: str, extra: list[str], work: Path, tag: str) -> di
     return result
 
 
-def summarise(runs: dict[str, list[dict]], on_gpu: bool, peak_tflops: float) -> dict:
+def summarise(runs: dict[str, list[dict]], on_gpu: bool, peak_tflops: float | None) -> dict:
     summary = {}
     for side, results in runs.items():
         ok = [r for r in results if "samples_per_s" in r]
@@ -604,7 +608,7 @@ def summarise(runs: dict[str, list[dict]], on_gpu: bool, peak_tflops: float) -> 
                          "accuracy": last.get("accuracy"), "padding": last["padding"],
                          "own_samples_per_s": statistics.median(r["own_samples_per_s"]
                                                                 for r in ok)}
-        if on_gpu:
+        if peak_tflops:
             summary[side]["mfu"] = med["tflops"] / peak_tflops
     peers = [p for p in PEERS if p in summary]
     if "rawtune" in summary and peers:
@@ -649,7 +653,12 @@ def markdown(results: dict) -> str:
                       "its own fresh process.")
               + " Padding: share of the batch's positions that are padding. Both sides save a "
               "checkpoint at the end (rawtune's loop always does; Trainer's default "
-              "save_strategy='steps' does); its time is shown apart.", "",
+              "save_strategy='steps' does); its time is shown apart."
+              + (" MFU: against the measured peak of a dense matrix product on this CPU in "
+                 "the run's precision (bench/peak.py): " + ", ".join(
+                     f"{k if k != 'no' else 'fp32'} {v * 1000:.0f} GFLOP/s"
+                     for k, v in meta["peak_tflops"].items()) + "."
+                 if not meta["cuda"] else ""), "",
               "| workload | side | samples/s | tokens/s | target tok/s | TFLOP/s | MFU | "
               "peak mem MiB | train loss | eval loss | accuracy | padding | steps | "
               "checkpoint s | samples/s excl. checkpoint |",
@@ -703,7 +712,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="jsonl of {text, label} long texts for cls-long / gpu-distilbert")
     parser.add_argument("--alpaca-file", default=str(SHARED / "data/alpaca_5k/alpaca_5000.jsonl"))
     parser.add_argument("--peak-tflops", type=float, default=989.0,
-                        help="accelerator peak for MFU (H100/H200 SXM bf16 dense: 989)")
+                        help="GPU peak for MFU (H100/H200 SXM bf16 dense: 989); on a CPU the "
+                             "peak is measured (bench/peak.py)")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"],
+                        help="override every workload's precision on both sides (default: "
+                             "each workload's own: fp32 on CPU, bf16 on GPU)")
     parser.add_argument("--rawtune-arg", action="append", default=[],
                         help="extra train_cls flag for rawtune's side (cls: e.g. "
                              "--rawtune-arg=--no-group-by-length; lm: group_by_length=false)")
@@ -720,16 +733,21 @@ def main(argv: list[str] | None = None) -> int:
     import peft
     import torch
     import transformers
+
+    from bench import peak as bench_peak
     on_gpu = torch.cuda.is_available()
     machine = (f"{torch.cuda.get_device_name(0)}" if on_gpu else
                f"CPU, {os.cpu_count()} cores, "
                f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB")
+    # A CPU's peak is measured in each precision, before any workload loads the machine.
+    cpu_peaks = {} if on_gpu else bench_peak.cpu_peaks()
     results = {"meta": {
         "date": datetime.date.today().isoformat(), "machine": machine, "cuda": on_gpu,
         "host": platform.node(), "command": "python -m bench " + " ".join(argv or sys.argv[1:]),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "accelerate": accelerate.__version__,
-        "repeats": args.repeats, "steps": args.steps, "peak_tflops": args.peak_tflops,
+        "repeats": args.repeats, "steps": args.steps,
+        "peak_tflops": args.peak_tflops if on_gpu else cpu_peaks,
         "note": args.note}, "workloads": {}}
     work = Path(tempfile.mkdtemp(prefix="rawtune-bench-"))
     try:
@@ -763,7 +781,8 @@ def main(argv: list[str] | None = None) -> int:
                 | {"mixed_precision": job.get("mixed_precision", "no"),
                    "rawtune_args": args.rawtune_arg, "trainer_args": args.trainer_arg},
                 "data_note": job.get("data_note"), "runs": runs,
-                "summary": summarise(runs, on_gpu, args.peak_tflops)}
+                "summary": summarise(runs, on_gpu, args.peak_tflops if on_gpu else
+                                     cpu_peaks[job.get("mixed_precision", "no")])}
             ratio = results["workloads"][name]["summary"].get("ratio")
             if ratio:
                 print(f"[{name}] rawtune / best Trainer ({ratio['vs']}) samples/s "
