@@ -10,7 +10,6 @@ and no half-written `step-*` directory behind.
 
 import hashlib
 import json
-import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,29 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from core import parallel
+from core import parallel, rng
 from core.errors import fail
 
 PREFIX = "step-"
 SHARDED = "sharded"  # under --fsdp: every rank's shards of weights and optimizer state
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's generators. On CUDA only the current device's: each rank owns one
-    GPU, and asking for every device's state would create a context on all of them."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -60,7 +41,7 @@ def save(ckpt_root: Path, step: int, accelerator, model: torch.nn.Module,
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     # Each rank draws its own dropout masks, so each keeps its own RNG states.
-    torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
+    torch.save(rng.state(), tmp / f"rng_rank{accelerator.process_index}.pt")
     if parallel.is_sharded(model):  # every rank writes its own shards
         _save_sharded(tmp / SHARDED, model, optimizer.optimizer)
     elif accelerator.is_main_process:
@@ -145,8 +126,7 @@ def load(path: Path, accelerator, model: torch.nn.Module, optimizer: torch.optim
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    set_rng_state(torch.load(path / f"rng_rank{accelerator.process_index}.pt",
-                             weights_only=False))
+    rng.restore(torch.load(path / f"rng_rank{accelerator.process_index}.pt", weights_only=True))
     return state
 
 

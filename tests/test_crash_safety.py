@@ -146,7 +146,7 @@ sys.exit(train_cls.main({flags!r}))
     assert not (ckpts / ".tmp-step-000010" / "trainer_state.json").exists()
     assert checkpoint.resolve("latest", out) == ckpts / "step-000005"
     for name in ("model.pt", "optimizer.pt", "rng_rank0.pt"):  # the previous one is whole
-        torch.load(ckpts / "step-000005" / name, weights_only=False)
+        torch.load(ckpts / "step-000005" / name, weights_only=True)
 
     assert run_cli(train_cls.main, flags + ["--resume-from", "latest"]) == 0
     assert [r["step"] for r in train_records(out)] == list(range(1, 13))
