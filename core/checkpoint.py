@@ -12,12 +12,12 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from core import parallel, rng
+from core import manifest, parallel, rng
 from core.errors import fail
 
 PREFIX = "step-"
@@ -51,8 +51,9 @@ def save(ckpt_root: Path, step: int, accelerator, model: torch.nn.Module,
         torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        # Written last: its presence marks every other file as complete.
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        # Written last: its presence marks every other file as complete, its hashes as intact.
+        (tmp / manifest.NAME).write_text(json.dumps(manifest.describe(tmp), indent=1))
         if final.exists():  # the same step saved again (a resumed run stopped at once)
             old = ckpt_root / f".tmp-old-{final.name}"
             final.rename(old)
@@ -74,25 +75,62 @@ def step_of(path: Path) -> int:
     return int(path.name[len(PREFIX):])
 
 
+def _is_step(path: Path) -> bool:
+    return path.name.startswith(PREFIX) and path.name[len(PREFIX):].isdigit()
+
+
+def _step_dirs(ckpt_root: Path) -> list[Path]:
+    """Every `step-N` directory, oldest first, whole or not."""
+    return sorted(filter(_is_step, ckpt_root.glob(f"{PREFIX}*")), key=step_of)
+
+
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
-    """`step-*` directories holding trainer_state.json, oldest first."""
-    found = [p for p in ckpt_root.glob(f"{PREFIX}*") if (p / "trainer_state.json").is_file()]
-    return sorted(found, key=step_of)
+    """`step-N` directories holding a manifest (written last), oldest first."""
+    return [p for p in _step_dirs(ckpt_root) if (p / manifest.NAME).is_file()]
 
 
-def resolve(resume_from: str, output_dir: Path) -> Path:
-    """`latest` → the newest complete checkpoint of this output dir; else a given path."""
+class Resolved(NamedTuple):
+    path: Path          # the checkpoint to resume from: it verifies
+    skipped: list[str]  # one line per newer checkpoint that does not, saying why
+
+
+def resolve(resume_from: str, output_dir: Path) -> Resolved:
+    """`latest` → the newest checkpoint of this output dir that verifies; else a given
+    path, which must verify. Bad input is refused in one line, naming what does verify."""
     if resume_from == "latest":
-        found = complete_checkpoints(output_dir / "checkpoints")
-        if not found:
-            raise fail(f"no checkpoint to resume from in {output_dir / 'checkpoints'}",
-                       "drop --resume-from, or point --output-dir at the interrupted run")
-        return found[-1]
+        return _newest_verified(output_dir / "checkpoints")
     path = Path(resume_from)
-    if not (path / "trainer_state.json").is_file():
-        raise fail(f"{resume_from} is not a checkpoint (no trainer_state.json)",
+    if not ((path / manifest.NAME).is_file() or (path / "trainer_state.json").is_file()):
+        raise fail(f"{resume_from} is not a checkpoint (no {manifest.NAME})",
                    "pass a checkpoints/step-N directory or 'latest'")
-    return path
+    why = manifest.problem(path)
+    if why is None:
+        return Resolved(path, [])
+    older = [p for p in _step_dirs(path.parent)[::-1] if step_of(p) < step_of(path)] \
+        if _is_step(path) else []
+    good = next((p for p in older if manifest.problem(p) is None), None)
+    raise fail(f"checkpoint {path} fails verification: {why}",
+               f"resume from {good}, the newest older checkpoint that verifies" if good
+               else "no older checkpoint beside it verifies: start the run over without "
+                    "--resume-from")
+
+
+def _newest_verified(ckpt_root: Path) -> Resolved:
+    found = _step_dirs(ckpt_root)[::-1]
+    if not found:
+        raise fail(f"no checkpoint to resume from in {ckpt_root}",
+                   "drop --resume-from, or point --output-dir at the interrupted run")
+    problems = []
+    for path in found:
+        why = manifest.problem(path)
+        if why is None:
+            return Resolved(path, [f"skipped checkpoint {bad}: {bad_why}; resuming from {path}"
+                                   for bad, bad_why in problems])
+        problems.append((path, why))
+    raise fail(f"no checkpoint in {ckpt_root} verifies ("
+               + "; ".join(f"{bad.name}: {bad_why}" for bad, bad_why in problems) + ")",
+               "start the run over without --resume-from, or restore the checkpoints "
+               "from a copy")
 
 
 def load(path: Path, accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

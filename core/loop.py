@@ -187,9 +187,9 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
              "train_s": 0.0,
              "logged_s": 0.0, "loss_total": 0.0, "skipped": 0, "fingerprint": fingerprint,
              "plan": plan}
-    if cfg.resume_from:
-        state = checkpoint.load(checkpoint.resolve(cfg.resume_from, out_dir), accelerator,
-                                model, optimizer, fingerprint, plan)
+    resumed = checkpoint.resolve(cfg.resume_from, out_dir) if cfg.resume_from else None
+    if resumed:
+        state = checkpoint.load(resumed.path, accelerator, model, optimizer, fingerprint, plan)
     # Applied steps drive the schedule (see the module's docstring). A checkpoint follows a
     # read-back, so its counters give their number exactly.
     applied_steps = torch.tensor(float(state["step"] - state["skipped"]), dtype=torch.float64,
@@ -200,6 +200,8 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
               f"{world} device(s){', FSDP' if cfg.fsdp else ''}, accumulation {cfg.grad_accum}, "
               f"warmup {warmup})"
               + (f", resumed at step {state['step']}" if state["step"] else ""))
+    for line in resumed.skipped if resumed else []:
+        log.print(line)
     timer, stop, pending = Timer(state["train_s"]), _StopRequest(), []
     meter = _Meter(flops, peak_tflops(device, cfg.peak_tflops), world)
     read_back_every = cfg.read_back_every(device)

@@ -4,12 +4,20 @@ These drive core.checkpoint directly on a tiny model, so each case costs millise
 tests/test_resume.py and tests/test_crash_safety.py prove the same through train_cls.py.
 """
 
+import hashlib
+import json
 import random
+import shutil
+import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+from accelerate import Accelerator
 
-from core import rng
+from core import checkpoint, manifest, rng
+from core.errors import UsageError
 
 
 def draws() -> tuple:
@@ -25,3 +33,130 @@ def test_rng_states_round_trip_through_the_safe_loader(tmp_path):
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
     rng.restore(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert draws() == expected
+
+
+# --- verification ---------------------------------------------------------------------------
+
+def save_steps(root: Path, *steps: int) -> None:
+    """Checkpoints of a tiny model at `steps`, as the loop writes them."""
+    model = torch.nn.Linear(2, 2)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    for step in steps:
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+        checkpoint.save(root, step, accelerator, model, optimizer, {"step": step}, keep=len(steps))
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    out = tmp_path_factory.mktemp("saved") / "run"
+    save_steps(out / "checkpoints", 3, 4)
+    return out
+
+
+@pytest.fixture
+def run(two_checkpoints, tmp_path):
+    """A fresh copy of a run directory holding checkpoints step-000003 and step-000004."""
+    shutil.copytree(two_checkpoints, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def newest(run: Path) -> Path:
+    return run / "checkpoints" / "step-000004"
+
+
+def test_the_manifest_lists_every_file_with_its_size_and_hash(run):
+    path = newest(run)
+    listed = json.loads((path / manifest.NAME).read_text())
+    assert listed["format"] == manifest.FORMAT
+    assert sorted(listed["files"]) == ["model.pt", "optimizer.pt", "rng_rank0.pt",
+                                       "trainer_state.json"]
+    for name, entry in listed["files"].items():
+        data = (path / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert manifest.problem(path) is None
+
+
+def test_every_file_of_a_checkpoint_loads_with_the_safe_loader(run):
+    """Issue #10, item 3: nothing in a checkpoint needs pickle (the FSDP layout is proven in
+    tests/test_launch.py)."""
+    for path in newest(run).iterdir():
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        else:
+            assert path.suffix == ".pt", path
+            torch.load(path, weights_only=True)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {"truncated": truncate, "bit-flipped": flip_a_bit,
+          "emptied": lambda path: path.write_bytes(b""), "deleted": Path.unlink}
+FILES = ["model.pt", "optimizer.pt", "rng_rank0.pt", "trainer_state.json", manifest.NAME]
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.parametrize("name", FILES)
+def test_latest_skips_a_damaged_checkpoint_and_says_why(run, name, damage):
+    DAMAGE[damage](newest(run) / name)
+    found = checkpoint.resolve("latest", run)
+    assert found.path == run / "checkpoints" / "step-000003"
+    (line,) = found.skipped
+    assert line.startswith(f"skipped checkpoint {newest(run)}: ")
+    assert line.endswith(f"; resuming from {found.path}")
+    if (name, damage) != (manifest.NAME, "bit-flipped"):  # a flip there may hit any entry
+        assert name in line, line
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.parametrize("name", FILES)
+def test_a_damaged_checkpoint_named_explicitly_is_refused(run, name, damage):
+    DAMAGE[damage](newest(run) / name)
+    with pytest.raises(UsageError) as refused:
+        checkpoint.resolve(str(newest(run)), run)
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith(f"checkpoint {newest(run)} fails verification: ")
+    assert f"resume from {run / 'checkpoints' / 'step-000003'}, the newest older checkpoint " \
+           f"that verifies" in message
+
+
+@pytest.mark.parametrize("change,why", [
+    (lambda path: (path / "notes.txt").write_text("x"), "notes.txt, which its manifest does not list"),
+    (lambda path: (path / manifest.NAME).write_text(json.dumps(
+        {**json.loads((path / manifest.NAME).read_text()), "format": manifest.FORMAT + 1})),
+     f"written by a newer rawtune (checkpoint format {manifest.FORMAT + 1}"),
+    (lambda path: (path / manifest.NAME).unlink(), f"it has no {manifest.NAME}")])
+def test_extra_files_newer_formats_and_missing_manifests_fail_verification(run, change, why):
+    change(newest(run))
+    assert why in manifest.problem(newest(run))
+    with pytest.raises(UsageError, match="fails verification"):
+        checkpoint.resolve(str(newest(run)), run)
+
+
+def test_damage_after_a_verification_is_still_found(run):
+    assert manifest.problem(newest(run)) is None
+    time.sleep(0.01)  # a later modification time, even on coarse clocks
+    flip_a_bit(newest(run) / "model.pt")
+    assert "model.pt does not match its SHA-256" in manifest.problem(newest(run))
+
+
+def test_with_no_checkpoint_that_verifies_resuming_is_refused(run):
+    for step in ("step-000003", "step-000004"):
+        truncate(run / "checkpoints" / step / "optimizer.pt")
+    with pytest.raises(UsageError, match=r"no checkpoint in \S+ verifies \(step-000004: "
+                                         r"optimizer.pt is \d+ bytes, its manifest says") as err:
+        checkpoint.resolve("latest", run)
+    assert "step-000003: optimizer.pt" in str(err.value)
+    truncate(newest(run) / "model.pt")
+    with pytest.raises(UsageError, match="no older checkpoint beside it verifies"):
+        checkpoint.resolve(str(newest(run)), run)

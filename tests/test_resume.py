@@ -149,6 +149,40 @@ def test_resume_after_a_crash_replays_from_the_last_checkpoint(reference, tmp_pa
     assert_same_run(out, reference)
 
 
+def test_resume_skips_a_checkpoint_cut_short_and_stays_bit_exact(interrupted, reference,
+                                                                tmp_path, capsys):
+    """Issue #10: with the newest checkpoint's model.pt cut short, --resume-from latest died
+    in a PytorchStreamReader traceback although an intact checkpoint sat beside it."""
+    out = tmp_path / "run"
+    shutil.copytree(interrupted, out)
+    newest = out / "checkpoints" / "step-000004"
+    (newest / "model.pt").write_bytes((newest / "model.pt").read_bytes()[:1000])
+    assert run_cli(train_cls.main, FLAGS + ["--output-dir", str(out),
+                                            "--resume-from", "latest"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed at step 3" in err
+    assert err.count("skipped checkpoint") == 1
+    assert f"skipped checkpoint {newest}: model.pt is 1000 bytes, its manifest says" in err
+    assert_same_run(out, reference)
+
+
+def test_resume_from_a_damaged_checkpoint_by_name_is_refused(interrupted, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(interrupted, out)
+    newest = out / "checkpoints" / "step-000004"
+    size = (newest / "trainer_state.json").stat().st_size
+    (newest / "trainer_state.json").write_text('{"step": 4, "ep')  # a copy cut short
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    assert run_cli(train_cls.main, FLAGS + ["--output-dir", str(out),
+                                            "--resume-from", str(newest)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"error: checkpoint {newest} fails verification: trainer_state.json is 15 "
+                    f"bytes, its manifest says {size} (cut short?) — resume from "
+                    f"{out / 'checkpoints' / 'step-000003'}, the newest older checkpoint that "
+                    f"verifies")
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
 def test_resume_refuses_a_different_schedule(interrupted, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(interrupted, out)
