@@ -1,24 +1,35 @@
-"""Checkpoints that hold everything needed to continue, and survive a crash mid-save.
+"""Checkpoints that hold everything needed to continue, and survive anything mid-save.
 
 A checkpoint is a directory `checkpoints/step-000123/` with the trainable weights,
 the optimizer (and fp16 gradient scaler), the loop's counters and every rank's RNG
 states. Under --fsdp the weights and optimizer state are written as each rank's
-shards (`sharded/`, torch.distributed.checkpoint) instead of `model.pt`/`optimizer.pt`. It is written under a temporary name and renamed into place: rename is
-atomic, so a process killed while saving leaves the previous checkpoints intact
-and no half-written `step-*` directory behind.
+shards (`sharded/`, torch.distributed.checkpoint) instead of `model.pt`/`optimizer.pt`.
+
+- Complete: it is written under a temporary name, every file and directory fsynced,
+  and renamed into place. The rename is the commit point: a process killed or a
+  machine losing power mid-save leaves the previous checkpoints intact and no
+  half-written `step-*` directory behind.
+- Verified: its manifest (core/manifest.py), written last, lists every file with its
+  size and SHA-256; a resume uses only a checkpoint that matches it.
+- Safe to load: nothing in it needs pickle. Weights, optimizer and scaler states and
+  RNG states (core/rng.py) are tensors and plain containers, loaded with
+  `weights_only=True`; the counters are JSON.
+- A failed save (a full disk, an I/O error, a permission) on any rank ends the run on
+  every rank with one line, after removing the partial directory.
 """
 
 import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
-from core import manifest, parallel, rng
-from core.errors import fail
+from core import durable, manifest, parallel, rng
+from core.errors import UsageError, fail
 
 PREFIX = "step-"
 SHARDED = "sharded"  # under --fsdp: every rank's shards of weights and optimizer state
@@ -29,46 +40,123 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
+class SaveFailed(UsageError):
+    """A checkpoint could not be written: the run ends with one line and exit 1."""
+
+    code = 1
+
+
+class _Failed(Exception):
+    """Some rank's part of a save failed; the text says what, where and on which rank."""
+
+
 def save(ckpt_root: Path, step: int, accelerator, model: torch.nn.Module,
          optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint `step` atomically on all ranks; returns its final path."""
+    """Write checkpoint `step` on all ranks; return its final path.
+
+    Each part runs on every rank and ends in an exchange of errors, so a failure on
+    any rank stops every rank at the same point (none waits for the others forever).
+    """
     final = ckpt_root / f"{PREFIX}{step:06d}"
-    tmp = ckpt_root / f".tmp-{PREFIX}{step:06d}"
+    tmp = ckpt_root / f".tmp-{final.name}"
+    try:
+        _on_every_rank(accelerator, lambda: _prepare(tmp, accelerator))
+        if parallel.is_sharded(model):  # every rank writes its own shards
+            _on_every_rank(accelerator,
+                           lambda: _save_sharded(tmp / SHARDED, model, optimizer.optimizer))
+        _on_every_rank(accelerator, lambda: _write_files(tmp, accelerator, model, optimizer))
+        _on_every_rank(accelerator, lambda: _commit(tmp, final, state, keep, accelerator))
+    except _Failed as failed:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        good = complete_checkpoints(ckpt_root)
+        raise SaveFailed(
+            f"saving checkpoint {final.name} failed: {failed}; the partial checkpoint was "
+            f"removed and " + (f"the last good one, {good[-1]}, is kept" if good else
+                               "no earlier checkpoint exists")
+            + f" — once {ckpt_root} has room and can be written, continue with the same "
+            f"command and --resume-from latest --output-dir {ckpt_root.parent}"
+        ) from None
+    return final
+
+
+def _on_every_rank(accelerator, part: Callable[[], None]) -> None:
+    """Run this rank's `part` of a save; raise _Failed on every rank if it failed on any."""
+    world = accelerator.num_processes
+    where = f" (rank {accelerator.process_index})" if world > 1 else ""
+    try:
+        part()
+        error = None
+    except OSError as err:
+        error = durable.describe(err) + where
+    except CheckpointException as err:  # DCP raises it on every rank, with each rank's error
+        error = _dcp_failure(err, world)
+    errors = [error]
+    if world > 1:  # also the barrier between the parts
+        from accelerate.utils import gather_object
+        errors = gather_object(errors)
+    if any(errors):
+        raise _Failed(next(e for e in errors if e))
+
+
+def _prepare(tmp: Path, accelerator) -> None:
     if accelerator.is_main_process:
         # Left-overs of saves that were killed half-way are incomplete by construction.
-        for stale in ckpt_root.glob(f".tmp-{PREFIX}*"):
+        for stale in tmp.parent.glob(f".tmp-{PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+
+
+def _write_files(tmp: Path, accelerator, model: torch.nn.Module, optimizer) -> None:
+    """This rank's RNG states; on rank 0, the unsharded weights, optimizer and scaler."""
+    def torch_save(name: str, obj: Any) -> None:
+        durable.write(tmp / name, lambda f: torch.save(obj, f))
+
     # Each rank draws its own dropout masks, so each keeps its own RNG states.
-    torch.save(rng.state(), tmp / f"rng_rank{accelerator.process_index}.pt")
-    if parallel.is_sharded(model):  # every rank writes its own shards
-        _save_sharded(tmp / SHARDED, model, optimizer.optimizer)
-    elif accelerator.is_main_process:
-        torch.save(trainable_state(accelerator.unwrap_model(model)), tmp / "model.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if accelerator.is_main_process and accelerator.scaler is not None:
-        torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        # Written last: its presence marks every other file as complete, its hashes as intact.
-        (tmp / manifest.NAME).write_text(json.dumps(manifest.describe(tmp), indent=1))
-        if final.exists():  # the same step saved again (a resumed run stopped at once)
-            old = ckpt_root / f".tmp-old-{final.name}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-        # Checkpoints past this step belong to a future this run abandoned by resuming
-        # from an earlier one: left there, `latest` would go back to them.
-        saved = complete_checkpoints(ckpt_root)
-        for old in [p for p in saved if step_of(p) > step] + \
-                [p for p in saved if step_of(p) <= step][:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
+    torch_save(f"rng_rank{accelerator.process_index}.pt", rng.state())
+    if not accelerator.is_main_process:
+        return
+    if not parallel.is_sharded(model):
+        torch_save("model.pt", trainable_state(accelerator.unwrap_model(model)))
+        torch_save("optimizer.pt", optimizer.state_dict())
+    if accelerator.scaler is not None:
+        torch_save("scaler.pt", accelerator.scaler.state_dict())
+
+
+def _commit(tmp: Path, final: Path, state: dict[str, Any], keep: int, accelerator) -> None:
+    """Rank 0, once every rank's files are written: state, fsync, manifest, rename, prune."""
+    if not accelerator.is_main_process:
+        return
+    durable.write(tmp / "trainer_state.json", lambda f: f.write(json.dumps(state, indent=2)
+                                                                .encode()))
+    # Written last: its presence marks every other file as complete, its hashes as intact.
+    described = manifest.describe(tmp)
+    durable.write(tmp / manifest.NAME, lambda f: f.write(json.dumps(described, indent=1)
+                                                         .encode()))
+    durable.fsync_tree(tmp)  # every rank's files: on disk before the rename commits them
+    if final.exists():  # the same step saved again (a resumed run stopped at once)
+        old = final.parent / f".tmp-old-{final.name}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    durable.fsync(final.parent)  # the rename itself
+    # Checkpoints past this step belong to a future this run abandoned by resuming
+    # from an earlier one: left there, `latest` would go back to them.
+    step, saved = step_of(final), complete_checkpoints(final.parent)
+    for old in [p for p in saved if step_of(p) > step] + \
+            [p for p in saved if step_of(p) <= step][:-keep]:
+        shutil.rmtree(old)
+
+
+def _dcp_failure(err, world: int) -> str:
+    """The first OSError among the ranks' failures in a torch.distributed.checkpoint call;
+    anything else is a bug, raised as it is."""
+    for rank, (cause, _) in sorted(err.failures.items()):
+        if isinstance(cause, OSError):
+            return durable.describe(cause) + (f" (rank {rank})" if world > 1 else "")
+    raise err
 
 
 def step_of(path: Path) -> int:

@@ -4,8 +4,10 @@ These drive core.checkpoint directly on a tiny model, so each case costs millise
 tests/test_resume.py and tests/test_crash_safety.py prove the same through train_cls.py.
 """
 
+import errno
 import hashlib
 import json
+import os
 import random
 import shutil
 import time
@@ -160,3 +162,77 @@ def test_with_no_checkpoint_that_verifies_resuming_is_refused(run):
     truncate(newest(run) / "model.pt")
     with pytest.raises(UsageError, match="no older checkpoint beside it verifies"):
         checkpoint.resolve(str(newest(run)), run)
+
+
+# --- durable writes and failed saves ------------------------------------------------------
+
+def test_every_file_and_directory_is_fsynced_before_the_rename(tmp_path, monkeypatch):
+    """Issue #10, item 2: a power loss must not leave a renamed but empty checkpoint."""
+    events, real_fsync, real_rename = [], os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    root = tmp_path / "checkpoints"
+    save_steps(root, 3)
+    tmp, final = root / ".tmp-step-000003", root / "step-000003"
+    renamed = events.index(("rename", str(tmp), str(final)))
+    synced = {event[1] for event in events[:renamed] if event[0] == "fsync"}
+    files = [str(tmp / name) for name in manifest.files(final) + [manifest.NAME]]
+    assert set(files) | {str(tmp)} <= synced
+    assert ("fsync", str(root)) in events[renamed:]  # the rename itself, made durable
+
+
+def full_disk(monkeypatch, name: str) -> None:
+    """Writing `name` fails half-way: a few bytes land, then ENOSPC."""
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if Path(getattr(f, "name", f)).name != name:
+            return real(obj, f, *args, **kwargs)
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def failing_fsync(monkeypatch, name: str) -> None:
+    def fsync(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def no_permission(monkeypatch, name: str) -> None:
+    def mkdir(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("inject,name,what", [
+    (full_disk, "optimizer.pt", "No space left on device: {tmp}/optimizer.pt"),
+    (full_disk, "rng_rank0.pt", "No space left on device: {tmp}/rng_rank0.pt"),
+    (failing_fsync, "", "Input/output error: {tmp}/"),
+    (no_permission, "", "Permission denied: {tmp}")], ids=["ENOSPC", "ENOSPC-rng", "EIO", "EACCES"])
+def test_a_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, inject, name, what):
+    root = tmp_path / "checkpoints"
+    save_steps(root, 3)
+    inject(monkeypatch, name)
+    with pytest.raises(checkpoint.SaveFailed) as failed:
+        save_steps(root, 4)
+    monkeypatch.undo()
+    message, good, tmp = str(failed.value), root / "step-000003", root / ".tmp-step-000004"
+    assert failed.value.code == 1 and len(message.splitlines()) == 1
+    assert message.startswith("saving checkpoint step-000004 failed: " + what.format(tmp=tmp))
+    assert f"the partial checkpoint was removed and the last good one, {good}, is kept" in message
+    assert f"--resume-from latest --output-dir {tmp_path}" in message
+    assert sorted(p.name for p in root.iterdir()) == ["step-000003"]  # no partial directory
+    assert checkpoint.resolve("latest", tmp_path) == (good, [])

@@ -135,9 +135,11 @@ sys.path.insert(0, {str(ROOT)!r})
 real = torch.save
 def dying_save(obj, f, *args, **kwargs):
     real(obj, f, *args, **kwargs)
-    if ".tmp-step-000010" in str(f) and str(f).endswith("optimizer.pt"):
-        with open(f, "r+b") as fh:
-            fh.truncate(os.path.getsize(f) // 2)
+    name = str(getattr(f, "name", f))  # checkpoints are written through file objects
+    if ".tmp-step-000010" in name and name.endswith("optimizer.pt"):
+        f.flush()
+        with open(name, "r+b") as fh:
+            fh.truncate(os.path.getsize(name) // 2)
         os.kill(os.getpid(), signal.SIGKILL)
 torch.save = dying_save
 import train_cls

@@ -6,6 +6,7 @@ loop's counters, the position in the epoch and the RNG streams. CPU fp32 is
 deterministic, so the comparison is exact, not approximate.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -181,6 +182,32 @@ def test_resume_from_a_damaged_checkpoint_by_name_is_refused(interrupted, tmp_pa
                     f"{out / 'checkpoints' / 'step-000003'}, the newest older checkpoint that "
                     f"verifies")
     assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
+def test_a_save_failing_midway_ends_the_run_and_the_last_good_checkpoint_resumes(
+        reference, tmp_path, monkeypatch, capsys):
+    """Issue #10, item 2: the disk fills up while step 6's optimizer state is written."""
+    out, real = tmp_path / "run", torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if ".tmp-step-000006" in f.name and f.name.endswith("optimizer.pt"):
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert run_cli(train_cls.main, FLAGS + ["--output-dir", str(out)]) == 1
+    monkeypatch.undo()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    ckpts = out / "checkpoints"
+    assert last.startswith(f"error: saving checkpoint step-000006 failed: No space left on "
+                           f"device: {ckpts}/.tmp-step-000006/optimizer.pt; the partial "
+                           f"checkpoint was removed and the last good one, "
+                           f"{ckpts / 'step-000003'}, is kept — ")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000003"]
+    assert run_cli(train_cls.main, FLAGS + ["--output-dir", str(out),
+                                            "--resume-from", "latest"]) == 0
+    assert_same_run(out, reference)
 
 
 def test_resume_refuses_a_different_schedule(interrupted, tmp_path, capsys):
