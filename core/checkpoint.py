@@ -20,15 +20,16 @@ shards (`sharded/`, torch.distributed.checkpoint) instead of `model.pt`/`optimiz
 
 import hashlib
 import json
+import pickle
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 
-from core import durable, manifest, parallel, rng
+from core import durable, manifest, parallel, rng, sharded
 from core.errors import UsageError, fail
 
 PREFIX = "step-"
@@ -63,7 +64,7 @@ def save(ckpt_root: Path, step: int, accelerator, model: torch.nn.Module,
         _on_every_rank(accelerator, lambda: _prepare(tmp, accelerator))
         if parallel.is_sharded(model):  # every rank writes its own shards
             _on_every_rank(accelerator,
-                           lambda: _save_sharded(tmp / SHARDED, model, optimizer.optimizer))
+                           lambda: sharded.save(tmp / SHARDED, model, optimizer.optimizer))
         _on_every_rank(accelerator, lambda: _write_files(tmp, accelerator, model, optimizer))
         _on_every_rank(accelerator, lambda: _commit(tmp, final, state, keep, accelerator))
     except _Failed as failed:
@@ -89,8 +90,6 @@ def _on_every_rank(accelerator, part: Callable[[], None]) -> None:
         error = None
     except OSError as err:
         error = durable.describe(err) + where
-    except CheckpointException as err:  # DCP raises it on every rank, with each rank's error
-        error = _dcp_failure(err, world)
     errors = [error]
     if world > 1:  # also the barrier between the parts
         from accelerate.utils import gather_object
@@ -148,15 +147,6 @@ def _commit(tmp: Path, final: Path, state: dict[str, Any], keep: int, accelerato
     for old in [p for p in saved if step_of(p) > step] + \
             [p for p in saved if step_of(p) <= step][:-keep]:
         shutil.rmtree(old)
-
-
-def _dcp_failure(err, world: int) -> str:
-    """The first OSError among the ranks' failures in a torch.distributed.checkpoint call;
-    anything else is a bug, raised as it is."""
-    for rank, (cause, _) in sorted(err.failures.items()):
-        if isinstance(cause, OSError):
-            return durable.describe(cause) + (f" (rank {rank})" if world > 1 else "")
-    raise err
 
 
 def step_of(path: Path) -> int:
@@ -241,8 +231,25 @@ def load(path: Path, accelerator, model: torch.nn.Module, optimizer: torch.optim
                    + ", ".join(f"{k}={plan[k]}" for k in changed),
                    "resume with the original run's settings, data and tokenizer (see its "
                    "config.json)" + _layout_hint(saved, changed))
+    with safely_loaded(path):
+        _restore(path, accelerator, model, optimizer)
+    return state
+
+
+@contextmanager
+def safely_loaded(path: Path) -> Iterator[None]:
+    """The safe loaders refuse anything but tensors and plain values: say so in one line."""
+    try:
+        yield
+    except pickle.UnpicklingError:
+        raise fail(f"checkpoint {path} holds more than tensors and plain values: loading it "
+                   f"would run code it names", "use only checkpoints rawtune wrote; this one "
+                   "was altered") from None
+
+
+def _restore(path: Path, accelerator, model: torch.nn.Module, optimizer) -> None:
     if parallel.is_sharded(model):
-        _load_sharded(path / SHARDED, model, optimizer.optimizer)
+        sharded.load(path / SHARDED, model, optimizer.optimizer)
     else:
         weights = torch.load(path / "model.pt", weights_only=True)
         params = dict(accelerator.unwrap_model(model).named_parameters())
@@ -253,7 +260,6 @@ def load(path: Path, accelerator, model: torch.nn.Module, optimizer: torch.optim
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     rng.restore(torch.load(path / f"rng_rank{accelerator.process_index}.pt", weights_only=True))
-    return state
 
 
 def _layout_hint(saved: dict[str, Any], changed: list[str]) -> str:
@@ -266,33 +272,6 @@ def _layout_hint(saved: dict[str, Any], changed: list[str]) -> str:
     if "fsdp" in changed:
         hint += ", with --fsdp" if saved["fsdp"] else ", without --fsdp"
     return hint
-
-
-def _save_sharded(directory: Path, model: torch.nn.Module, optimizer) -> None:
-    """Each rank writes its shards of the trainable weights and the optimizer state
-    (torch.distributed.checkpoint); no rank ever holds them whole."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    weights, optim = get_state_dict(model, optimizer)
-    dcp.save({"model": _trainable_only(model, weights), "optimizer": optim},
-             checkpoint_id=directory)
-
-
-def _load_sharded(directory: Path, model: torch.nn.Module, optimizer) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                         set_state_dict)
-    weights, optim = get_state_dict(model, optimizer)  # the layout the shards load into
-    state = {"model": _trainable_only(model, weights), "optimizer": optim}
-    dcp.load(state, checkpoint_id=directory)
-    # strict=False: a LoRA checkpoint holds the adapters, not the frozen base.
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"], options=StateDictOptions(strict=False))
-
-
-def _trainable_only(model: torch.nn.Module, weights: dict[str, Any]) -> dict[str, Any]:
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {name: w for name, w in weights.items() if name in trainable}
 
 
 def data_fingerprint(rows) -> str:

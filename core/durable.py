@@ -22,7 +22,7 @@ def write(path: Path, fill: Callable[[BinaryIO], object]) -> None:
         with path.open("wb") as f:
             fill(f)
     except OSError as err:
-        raise _naming(err, path) from err
+        raise naming(err, path) from err
 
 
 def fsync(path: Path) -> None:
@@ -34,7 +34,7 @@ def fsync(path: Path) -> None:
         finally:
             os.close(fd)
     except OSError as err:
-        raise _naming(err, path) from err
+        raise naming(err, path) from err
 
 
 def fsync_tree(directory: Path) -> None:
@@ -50,6 +50,6 @@ def describe(err: OSError) -> str:
     return f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
 
 
-def _naming(err: OSError, path: Path) -> OSError:
+def naming(err: OSError, path: Path) -> OSError:
     """The same error, naming `path` unless it names a file already."""
     return type(err)(err.errno, err.strerror or str(err), err.filename or str(path))

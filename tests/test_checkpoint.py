@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import time
@@ -18,7 +19,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from core import checkpoint, manifest, rng
+from core import checkpoint, manifest, rng, sharded
 from core.errors import UsageError
 
 
@@ -39,15 +40,21 @@ def test_rng_states_round_trip_through_the_safe_loader(tmp_path):
 
 # --- verification ---------------------------------------------------------------------------
 
-def save_steps(root: Path, *steps: int) -> None:
-    """Checkpoints of a tiny model at `steps`, as the loop writes them."""
+def tiny():
+    """(accelerator, model, optimizer) as the loop holds them, for a 2 x 2 linear layer."""
     model = torch.nn.Linear(2, 2)
     accelerator = Accelerator(cpu=True)
-    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    return accelerator, *accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+
+
+def save_steps(root: Path, *steps: int) -> None:
+    """Checkpoints of a tiny model at `steps`, as the loop writes them."""
+    accelerator, model, optimizer = tiny()
     for step in steps:
         model(torch.ones(1, 2)).sum().backward()
         optimizer.step()
-        checkpoint.save(root, step, accelerator, model, optimizer, {"step": step}, keep=len(steps))
+        state = {"step": step, "fingerprint": checkpoint.fingerprint(model), "plan": {}}
+        checkpoint.save(root, step, accelerator, model, optimizer, state, keep=len(steps))
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +96,39 @@ def test_every_file_of_a_checkpoint_loads_with_the_safe_loader(run):
         else:
             assert path.suffix == ".pt", path
             torch.load(path, weights_only=True)
+
+
+class RunsCode:
+    """Unpickled, it would create `marker`: what a booby-trapped checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_file_that_would_run_code_is_refused_in_one_line(run, tmp_path):
+    path, marker = newest(run), tmp_path / "code-ran"
+    torch.save({"weight": RunsCode(marker)}, path / "model.pt")
+    (path / manifest.NAME).write_text(json.dumps(manifest.describe(path)))  # signed over
+    accelerator, model, optimizer = tiny()
+    with pytest.raises(UsageError) as refused:
+        checkpoint.load(checkpoint.resolve(str(path), run).path, accelerator, model, optimizer,
+                        checkpoint.fingerprint(model), {})
+    assert str(refused.value) == (
+        f"checkpoint {path} holds more than tensors and plain values: loading it would run "
+        f"code it names — use only checkpoints rawtune wrote; this one was altered")
+    assert not marker.exists()
+
+
+def test_sharded_metadata_naming_code_is_refused_unrun(tmp_path):
+    """DCP's own reader unpickles `.metadata` with pickle.load."""
+    marker = tmp_path / "code-ran"
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    with pytest.raises(pickle.UnpicklingError, match="system has no place in"):
+        sharded.read_metadata(tmp_path)
+    assert not marker.exists()
 
 
 def truncate(path: Path) -> None:
