@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from core import checkpoint, run_dir
+from core import checkpoint, init_from, run_dir
 from core.config import TrainConfig, opt, parse_config
 from core.data import load_file, load_split, sample, take
 from core.demo import bpe_tokenizer, data_file, tiny_llama_config
@@ -253,7 +253,7 @@ def base_dtype(accelerator, mixed_precision: str) -> torch.dtype:
 def build_lora_model(source: str, r: int, cfg: LoraRunConfig, dtype: torch.dtype):
     """A fresh base model from `source` with fresh LoRA adapters of rank r; base frozen."""
     from accelerate.utils import set_seed
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     set_seed(cfg.seed)  # every rank starts from the same adapter initialisation draws
@@ -264,11 +264,36 @@ def build_lora_model(source: str, r: int, cfg: LoraRunConfig, dtype: torch.dtype
         # though no input of a checkpointed block (the frozen embeddings) needs a gradient.
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
-    targets = "all-linear" if cfg.targets == ["all-linear"] else cfg.targets
-    lora = LoraConfig(r=r, lora_alpha=cfg.alpha(r), lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, use_rslora=cfg.rslora, task_type="CAUSAL_LM")
     # peft keeps adapter weights in fp32 over a bf16 base (autocast_adapter_dtype).
-    return get_peft_model(base, lora)
+    return get_peft_model(base, lora_config(r, cfg))
+
+
+def lora_config(r: int, cfg: LoraRunConfig):
+    from peft import LoraConfig
+    targets = "all-linear" if cfg.targets == ["all-linear"] else cfg.targets
+    return LoraConfig(r=r, lora_alpha=cfg.alpha(r), lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, use_rslora=cfg.rslora, task_type="CAUSAL_LM")
+
+
+def check_start(cfg: LoraRunConfig, config, out_dir: Path) -> None:
+    """What each rank of the sweep starts from must fit its model, checked on a weightless
+    copy (meta tensors) before anything is written: the newest checkpoint that verifies
+    of a rank left unfinished, or --init-from."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+    for r in cfg.lora_r:
+        r_dir = out_dir / f"r{r}"
+        resume = (cfg.resume_from and not (r_dir / "metrics.json").is_file()
+                  and checkpoint.complete_checkpoints(r_dir / "checkpoints"))
+        if not (resume or cfg.init_from):
+            continue
+        with torch.device("meta"):
+            skeleton = get_peft_model(AutoModelForCausalLM.from_config(config), lora_config(r, cfg))
+        if resume:
+            checkpoint.check_fits(checkpoint.resolve("latest", r_dir).path,
+                                  checkpoint.identity(skeleton))
+        if cfg.init_from:
+            init_from.check(cfg.init_from, skeleton)
 
 
 def finished_metrics(r_dir: Path, cfg: LoraRunConfig) -> dict | None:
@@ -404,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(cfg, train_examples)
         config = model_config(cfg, tokenizer)
         check_target_modules(config, cfg.targets, cfg.model)
+        check_start(cfg, config, out_dir)
         train_enc = encode(train_examples, template, tokenizer, cfg.max_length,
                            "the training data")
         eval_enc = encode(eval_examples, template, tokenizer, cfg.max_length, "the eval data")

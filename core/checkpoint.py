@@ -34,6 +34,9 @@ from core.errors import UsageError, fail
 
 PREFIX = "step-"
 SHARDED = "sharded"  # under --fsdp: every rank's shards of weights and optimizer state
+# What a checkpoint's weights are: their kind, the script that trains them, what it saves.
+KINDS = {"full": ("a whole model's weights", "train_cls.py", "model/"),
+         "lora": ("LoRA adapter weights", "train_lora.py", "adapter/")}
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -211,18 +214,40 @@ def _newest_verified(ckpt_root: Path) -> Resolved:
                "from a copy")
 
 
+def kind(model: torch.nn.Module) -> str:
+    """"lora" for a peft model (its adapters alone train), "full" otherwise."""
+    return "lora" if hasattr(model, "peft_config") else "full"
+
+
+def identity(model: torch.nn.Module) -> dict[str, str]:
+    """What a checkpoint of `model` records to refuse being loaded into another model."""
+    return {"fingerprint": fingerprint(model), "kind": kind(model)}
+
+
+def check_fits(path: Path, model_identity: dict[str, str]) -> dict[str, Any]:
+    """The loop state of checkpoint `path`, if it was saved from a model like this one."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    theirs, ours = state.get("kind"), model_identity["kind"]
+    if theirs in KINDS and theirs != ours:
+        raise fail(f"checkpoint {path} holds {KINDS[theirs][0]}, from a {KINDS[theirs][1]} run",
+                   f"resume it with {KINDS[theirs][1]}, or pass a checkpoint of a "
+                   f"{KINDS[ours][1]} run")
+    if state.get("fingerprint") != model_identity["fingerprint"]:
+        raise fail(f"checkpoint {path} belongs to another model or task",
+                   "resume with the same --model and trainable settings as the original run")
+    return state
+
+
 def load(path: Path, accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         fingerprint: str, plan: dict[str, Any]) -> dict[str, Any]:
+         model_identity: dict[str, str], plan: dict[str, Any]) -> dict[str, Any]:
     """Restore weights, optimizer, scaler and this rank's RNG; return the loop state.
 
     `plan` holds what fixes the lr schedule and the batches (total steps, world
     size, batch size, ...): a run resumed under another plan would silently train
-    on a different schedule and data order, so it is refused.
+    on a different schedule and data order, so it is refused, pointing to
+    --init-from, which starts a new run from the checkpoint's weights instead.
     """
-    state = json.loads((path / "trainer_state.json").read_text())
-    if state.get("fingerprint") != fingerprint:
-        raise fail(f"checkpoint {path} belongs to another model or task",
-                   "resume with the same --model and trainable settings as the original run")
+    state = check_fits(path, model_identity)
     saved = state.get("plan", {})
     changed = [k for k in plan if k in saved and saved[k] != plan[k]]
     if changed:
@@ -230,7 +255,9 @@ def load(path: Path, accelerator, model: torch.nn.Module, optimizer: torch.optim
                    + ", ".join(f"{k}={saved[k]}" for k in changed) + "; this run has "
                    + ", ".join(f"{k}={plan[k]}" for k in changed),
                    "resume with the original run's settings, data and tokenizer (see its "
-                   "config.json)" + _layout_hint(saved, changed))
+                   "config.json)" + _layout_hint(saved, changed) + f"; or go on under this "
+                   f"plan as a new run from its weights: --init-from {path} and a new "
+                   f"--output-dir, without --resume-from")
     with safely_loaded(path):
         _restore(path, accelerator, model, optimizer)
     return state

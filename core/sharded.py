@@ -11,6 +11,7 @@ classes and nothing else, and every blob loads with `weights_only=True`.
 
 import io
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +104,25 @@ def trainable_only(model: torch.nn.Module, weights: dict[str, Any]) -> dict[str,
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     return {name: w for name, w in weights.items() if name in trainable}
 
+
+def weight_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Names and whole shapes of the trainable weights in a sharded checkpoint."""
+    return {name: tuple(meta.size) for name, meta in _weight_entries(directory).items()}
+
+
+def whole_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The trainable weights of a sharded checkpoint, whole, read by this process alone
+    from every rank's shards: the start of a new run (--init-from), in any launch."""
+    state = {"model": {name: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+                       for name, meta in _weight_entries(directory).items()}}
+    with warnings.catch_warnings():  # DCP warns that no_dist loads alone: that is the point
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, storage_reader=_SafeReader(directory),
+                 planner=_SafePlanner(allow_partial_load=True), no_dist=True)
+    return state["model"]
+
+
+def _weight_entries(directory: Path) -> dict[str, Any]:
+    return {key[len("model."):]: meta
+            for key, meta in read_metadata(directory).state_dict_metadata.items()
+            if key.startswith("model.")}

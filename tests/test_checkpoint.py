@@ -53,7 +53,7 @@ def save_steps(root: Path, *steps: int) -> None:
     for step in steps:
         model(torch.ones(1, 2)).sum().backward()
         optimizer.step()
-        state = {"step": step, "fingerprint": checkpoint.fingerprint(model), "plan": {}}
+        state = {"step": step, **checkpoint.identity(model), "plan": {}}
         checkpoint.save(root, step, accelerator, model, optimizer, state, keep=len(steps))
 
 
@@ -115,7 +115,7 @@ def test_a_checkpoint_file_that_would_run_code_is_refused_in_one_line(run, tmp_p
     accelerator, model, optimizer = tiny()
     with pytest.raises(UsageError) as refused:
         checkpoint.load(checkpoint.resolve(str(path), run).path, accelerator, model, optimizer,
-                        checkpoint.fingerprint(model), {})
+                        checkpoint.identity(model), {})
     assert str(refused.value) == (
         f"checkpoint {path} holds more than tensors and plain values: loading it would run "
         f"code it names — use only checkpoints rawtune wrote; this one was altered")

@@ -204,6 +204,23 @@ def test_an_fsdp_checkpoint_is_verified_and_every_file_loads_without_pickle(cls_
             torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
 
 
+def test_a_new_run_in_one_process_starts_from_an_fsdp_checkpoint(cls_runs, tmp_path,
+                                                                 first_forward):
+    """--init-from gathers every rank's shards in one process, no launcher needed."""
+    import train_cls
+    from core.errors import run_cli
+    from tasks.classification import ClassificationTask
+    out, _ = cls_runs
+    config = json.loads((out["fsdp"] / "config.json").read_text())
+    seen = first_forward(ClassificationTask)
+    assert run_cli(train_cls.main, [
+        "--model", config["model"], "--train-file", config["train_file"], "--eval-file",
+        config["eval_file"], "--max-length", "64", "--max-steps", "1", "--output-dir",
+        str(tmp_path / "x"), "--init-from", str(out["fsdp"] / "checkpoints" / "step-000032")]) == 0
+    final = load_file(out["fsdp"] / "model" / "model.safetensors")
+    assert seen and all(torch.equal(tensor, final[name]) for name, tensor in seen.items())
+
+
 def test_a_resume_under_another_launch_names_the_one_it_needs(cls_runs):
     out, _ = cls_runs
     config = json.loads((out["fsdp"] / "config.json").read_text())

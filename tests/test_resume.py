@@ -216,8 +216,12 @@ def test_resume_refuses_a_different_schedule(interrupted, tmp_path, capsys):
     code = run_cli(train_cls.main, FLAGS + ["--output-dir", str(out), "--resume-from", "latest",
                                             "--epochs", "3"])
     assert code == 2
-    err = capsys.readouterr().err
-    assert "total_steps=16" in err and "total_steps=24" in err
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "total_steps=16" in line and "total_steps=24" in line
+    # Issue #10, item 4: the refusal names the way to go on under the new plan.
+    assert line.endswith(f"; or go on under this plan as a new run from its weights: --init-from "
+                         f"{out / 'checkpoints' / 'step-000004'} and a new --output-dir, without "
+                         f"--resume-from")
 
 
 @pytest.mark.parametrize("flag,saved,changed", [
