@@ -84,40 +84,38 @@ def damaged(earlier, tmp_path) -> str:
     return str(copy)
 
 
-# (id, script, argv builder, words the one error line must hold)
+BOTH = "--init-from starts a new run and --resume-from continues one"
+LORA_WEIGHTS = "holds LoRA adapter weights, from a train_lora.py run"
+CLS_WEIGHTS = "holds a whole model's weights, from a train_cls.py run"
+# (id, script, its flags after CLS or LORA, words the one error line must hold); `e` holds
+# the earlier runs' paths, `d` is a fresh directory.
 CASES = [
     ("cls: with --resume-from", train_cls,
-     lambda e, d: CLS + ["--init-from", str(e["cls checkpoint"]), "--resume-from", "latest"],
-     "--init-from starts a new run and --resume-from continues one"),
-    ("cls: a LoRA checkpoint", train_cls,
-     lambda e, d: CLS + ["--init-from", str(e["lora checkpoint"])],
-     "holds LoRA adapter weights, from a train_lora.py run"),
-    ("cls: a LoRA adapter", train_cls, lambda e, d: CLS + ["--init-from", str(e["lora adapter"])],
-     "holds LoRA adapter weights, from a train_lora.py run"),
-    ("cls: another architecture", train_cls,
-     lambda e, d: CLS + ["--init-from", str(e["other model"])], "does not fit this model"),
-    ("cls: a damaged checkpoint", train_cls, lambda e, d: CLS + ["--init-from", damaged(e, d)],
+     lambda e, d: ["--init-from", str(e["cls checkpoint"]), "--resume-from", "latest"], BOTH),
+    ("cls: a LoRA checkpoint", train_cls, lambda e, d: ["--init-from", str(e["lora checkpoint"])],
+     LORA_WEIGHTS),
+    ("cls: a LoRA adapter", train_cls, lambda e, d: ["--init-from", str(e["lora adapter"])],
+     LORA_WEIGHTS),
+    ("cls: another architecture", train_cls, lambda e, d: ["--init-from", str(e["other model"])],
+     "does not fit this model"),
+    ("cls: a damaged checkpoint", train_cls, lambda e, d: ["--init-from", damaged(e, d)],
      "fails verification: model.pt is 0 bytes"),
-    ("cls: nothing there", train_cls, lambda e, d: CLS + ["--init-from", str(d / "nothing")],
+    ("cls: nothing there", train_cls, lambda e, d: ["--init-from", str(d / "nothing")],
      "is neither a checkpoint"),
     ("cls: resume a LoRA checkpoint", train_cls,
-     lambda e, d: CLS + ["--resume-from", str(e["lora checkpoint"])],
-     "holds LoRA adapter weights, from a train_lora.py run"),
+     lambda e, d: ["--resume-from", str(e["lora checkpoint"])], LORA_WEIGHTS),
     ("lora: with --resume-from", train_lora,
-     lambda e, d: LORA + ["--init-from", str(e["lora adapter"]), "--resume-from", "latest"],
-     "--init-from starts a new run and --resume-from continues one"),
+     lambda e, d: ["--init-from", str(e["lora adapter"]), "--resume-from", "latest"], BOTH),
     ("lora: a classifier's checkpoint", train_lora,
-     lambda e, d: LORA + ["--init-from", str(e["cls checkpoint"])],
-     "holds a whole model's weights, from a train_cls.py run"),
-    ("lora: a classifier's model", train_lora,
-     lambda e, d: LORA + ["--init-from", str(e["cls model"])],
-     "holds a whole model's weights, from a train_cls.py run"),
+     lambda e, d: ["--init-from", str(e["cls checkpoint"])], CLS_WEIGHTS),
+    ("lora: a classifier's model", train_lora, lambda e, d: ["--init-from", str(e["cls model"])],
+     CLS_WEIGHTS),
     ("lora: another rank", train_lora,
-     lambda e, d: LORA + ["--init-from", str(e["lora adapter"]), "--lora-r", "4", "8"],
+     lambda e, d: ["--init-from", str(e["lora adapter"]), "--lora-r", "4", "8"],
      "holds rank-4 adapters, which cannot start a rank-8 one (--lora-r 8)"),
     ("lora: other target modules", train_lora,
-     lambda e, d: LORA + ["--init-from", str(e["lora checkpoint"]), "--target-modules",
-                          "q_proj", "v_proj"], "does not fit this model"),
+     lambda e, d: ["--init-from", str(e["lora checkpoint"]), "--target-modules", "q_proj"],
+     "does not fit this model"),
 ]
 
 
@@ -125,7 +123,9 @@ CASES = [
 def test_bad_init_from_is_one_line_and_writes_nothing(earlier, tmp_path, capsys, case, script,
                                                       build, words):
     out = tmp_path / "run"
-    assert run_cli(script.main, build(earlier, tmp_path) + ["--output-dir", str(out)]) == 2
+    base = CLS if script is train_cls else LORA
+    argv = base + build(earlier, tmp_path) + ["--output-dir", str(out)]
+    assert run_cli(script.main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and " — " in err[0], err
     assert words in err[0]
