@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from core import checkpoint, init_from, run_dir
+from core import checkpoint, run_dir
 from core.config import TrainConfig, opt, parse_config
 from core.data import load_file, load_split, sample, take
 from core.demo import bpe_tokenizer, data_file, tiny_llama_config
@@ -35,6 +35,7 @@ from core.pretrained import check_max_length, load_pretrained
 from eval.lm import plot_loss_vs_r
 from tasks.instruct import (ALPACA_WITH_INPUT, CausalLMTask, Columns, Encoded, encode,
                             pair_examples, prompt_template, split_eval, to_examples)
+from tasks.lora_start import check_start, lora_config
 
 DEFAULT_MODEL = "openlm-research/open_llama_3b_v2"
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -266,34 +267,6 @@ def build_lora_model(source: str, r: int, cfg: LoraRunConfig, dtype: torch.dtype
         base.config.use_cache = False
     # peft keeps adapter weights in fp32 over a bf16 base (autocast_adapter_dtype).
     return get_peft_model(base, lora_config(r, cfg))
-
-
-def lora_config(r: int, cfg: LoraRunConfig):
-    from peft import LoraConfig
-    targets = "all-linear" if cfg.targets == ["all-linear"] else cfg.targets
-    return LoraConfig(r=r, lora_alpha=cfg.alpha(r), lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, use_rslora=cfg.rslora, task_type="CAUSAL_LM")
-
-
-def check_start(cfg: LoraRunConfig, config, out_dir: Path) -> None:
-    """What each rank of the sweep starts from must fit its model, checked on a weightless
-    copy (meta tensors) before anything is written: the newest checkpoint that verifies
-    of a rank left unfinished, or --init-from."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-    for r in cfg.lora_r:
-        r_dir = out_dir / f"r{r}"
-        resume = (cfg.resume_from and not (r_dir / "metrics.json").is_file()
-                  and checkpoint.complete_checkpoints(r_dir / "checkpoints"))
-        if not (resume or cfg.init_from):
-            continue
-        with torch.device("meta"):
-            skeleton = get_peft_model(AutoModelForCausalLM.from_config(config), lora_config(r, cfg))
-        if resume:
-            checkpoint.check_fits(checkpoint.resolve("latest", r_dir).path,
-                                  checkpoint.identity(skeleton))
-        if cfg.init_from:
-            init_from.check(cfg.init_from, skeleton)
 
 
 def finished_metrics(r_dir: Path, cfg: LoraRunConfig) -> dict | None:
