@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from core import checkpoint, run_dir
+from core import checkpoint, init_from, run_dir
 from core.config import TrainConfig, opt, parse_config
 from core.data import load_split, require_columns, take
 from core.demo import data_file, tiny_distilbert_config, wordpiece_tokenizer
@@ -111,6 +111,22 @@ def load_model(cfg: ClsConfig, config):
                            attn_implementation=cfg.attn_implementation)
 
 
+def check_start(cfg: ClsConfig, config, out_dir: Path) -> None:
+    """The checkpoint to resume or the weights to start from must fit the model: checked on
+    a weightless copy of it (meta tensors) before anything is written."""
+    if not (cfg.resume_from or cfg.init_from):
+        return
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(config)
+    if cfg.resume_from:
+        checkpoint.check_fits(checkpoint.resolve(cfg.resume_from, out_dir).path,
+                              checkpoint.identity(skeleton))
+    if cfg.init_from:
+        init_from.check(cfg.init_from, skeleton)
+
+
 def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import set_seed
 
@@ -131,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(cfg, train_raw)
         config = model_config(cfg, labels, len(tokenizer))
         config.pad_token_id = tokenizer.pad_token_id  # last-token pooling models find it by this
+        check_start(cfg, config, out_dir)
         columns = (cfg.text_column, cfg.text_pair_column, cfg.label_column)
         train_rows = tokenize(train_raw, tokenizer, *columns, labels, cfg.max_length,
                               "the training data")

@@ -31,6 +31,7 @@ from eval.sweep import final_train_loss, write_sweep
 from tasks.instruct import CausalLMTask, encode, prompt_template
 from tasks.instruct_rows import load_examples, report_encoding
 from tasks.lora_config import LoraRunConfig
+from tasks.lora_start import check_start
 from tasks.lora_model import (LLAMA_PROJECTIONS, base_dtype, build_lora_model,
                               check_target_modules, load_tokenizer, model_config, save_adapter,
                               save_demo_base, save_merged, use_slow_tokenizer)
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(cfg, train_examples)
         config = model_config(cfg, tokenizer)
         check_target_modules(config, cfg.targets, cfg.model)
+        check_start(cfg, config, out_dir)
         train_enc = encode(train_examples, template, tokenizer, cfg.max_length,
                            "the training data")
         eval_enc = encode(eval_examples, template, tokenizer, cfg.max_length, "the eval data")

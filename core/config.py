@@ -85,6 +85,11 @@ class TrainConfig:
     save_every: int = opt(0, "checkpoint every N optimizer steps; 0 = only at the end")
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
     resume_from: str | None = opt(None, "checkpoint directory to continue from, or 'latest'")
+    init_from: str | None = opt(None, "start a new run (its own plan, schedule and --output-dir) "
+                                      "from the trainable weights of an earlier one: a "
+                                      "checkpoint (RUN/checkpoints/step-N), or the model/ "
+                                      "(train_cls.py) or adapter/ (train_lora.py) it saved; "
+                                      "the optimizer and the counters start fresh")
     log_every: int | None = opt(None, "read figures back from the device every N steps; each is "
                                       "a wait for the device and the latest a stop signal can "
                                       "act (default: 1 on CPU, 10 on GPU; every step is logged)")
@@ -143,6 +148,10 @@ class TrainConfig:
                            "and a CUDA GPU, and this machine lacks one of them",
                            "pip install flash-attn on a GPU machine, or use "
                            "--attn-implementation sdpa")
+        if self.init_from and self.resume_from:
+            raise fail("--init-from starts a new run and --resume-from continues one",
+                       "drop --resume-from to start a new run from those weights, or "
+                       "--init-from to continue the run as it was planned")
         if not self.model and not self.demo:
             raise fail("no model given", "pass --model NAME_OR_DIR, or --demo")
 

@@ -41,7 +41,9 @@ counters, position in the epoch and every rank's RNG states, and the batch order
 a pure function of (seed, epoch), so a resumed run repeats the uninterrupted one bit
 for bit on a deterministic device. It must keep the run's plan (total steps, batch layout,
 tokenised data, AdamW's weight decay, betas and eps): anything else would change the
-schedule or the batches, or be overwritten by the saved optimizer state.
+schedule or the batches, or be overwritten by the saved optimizer state. To go on under
+another plan, --init-from starts a new run from a checkpoint's weights alone
+(core/init_from.py).
 """
 
 import math
@@ -52,7 +54,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
-from core import checkpoint, host_memory, parallel
+from core import checkpoint, host_memory, init_from, parallel
 from core.batching import train_batches
 from core.config import TrainConfig
 from core.errors import UsageError
@@ -168,7 +170,10 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
         host_memory.map_large_blocks()
     # Counted before prepare(): a data-parallel wrapper hides the model's config.
     flops = StepFlops(model)
-    fingerprint = checkpoint.fingerprint(model)  # names and (global) shapes, sharded or not
+    # Names and (global) shapes, sharded or not, and whether only adapters train.
+    identity = checkpoint.identity(model)
+    if cfg.init_from:  # a new run from an earlier one's weights: all else starts fresh
+        init_from.load(model, cfg.init_from)
     if cfg.fsdp:  # in place, before the optimizer: it must hold the sharded weights
         model = parallel.shard(model.to(device), accelerator, cfg.mixed_precision)
     optimizer = build_adamw(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
@@ -185,11 +190,10 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
 
     state = {"step": 0, "epoch": 0, "micro_done": 0, "samples": 0, "tokens": 0, "units": 0,
              "train_s": 0.0,
-             "logged_s": 0.0, "loss_total": 0.0, "skipped": 0, "fingerprint": fingerprint,
-             "plan": plan}
-    if cfg.resume_from:
-        state = checkpoint.load(checkpoint.resolve(cfg.resume_from, out_dir), accelerator,
-                                model, optimizer, fingerprint, plan)
+             "logged_s": 0.0, "loss_total": 0.0, "skipped": 0, **identity, "plan": plan}
+    resumed = checkpoint.resolve(cfg.resume_from, out_dir) if cfg.resume_from else None
+    if resumed:
+        state = checkpoint.load(resumed.path, accelerator, model, optimizer, identity, plan)
     # Applied steps drive the schedule (see the module's docstring). A checkpoint follows a
     # read-back, so its counters give their number exactly.
     applied_steps = torch.tensor(float(state["step"] - state["skipped"]), dtype=torch.float64,
@@ -200,6 +204,8 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
               f"{world} device(s){', FSDP' if cfg.fsdp else ''}, accumulation {cfg.grad_accum}, "
               f"warmup {warmup})"
               + (f", resumed at step {state['step']}" if state["step"] else ""))
+    for line in resumed.skipped if resumed else []:
+        log.print(line)
     timer, stop, pending = Timer(state["train_s"]), _StopRequest(), []
     meter = _Meter(flops, peak_tflops(device, cfg.peak_tflops), world)
     read_back_every = cfg.read_back_every(device)

@@ -15,6 +15,7 @@ from core.demo import bpe_tokenizer, tiny_llama_config
 from core.errors import fail
 from core.pretrained import check_max_length, load_pretrained
 from tasks.instruct import ALPACA_WITH_INPUT
+from tasks.lora_start import lora_config
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -89,7 +90,7 @@ def base_dtype(accelerator, mixed_precision: str) -> torch.dtype:
 def build_lora_model(source: str, r: int, cfg, dtype: torch.dtype):
     """A fresh base model from `source` with fresh LoRA adapters of rank r; base frozen."""
     from accelerate.utils import set_seed
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     set_seed(cfg.seed)  # every rank starts from the same adapter initialisation draws
@@ -100,11 +101,8 @@ def build_lora_model(source: str, r: int, cfg, dtype: torch.dtype):
         # though no input of a checkpointed block (the frozen embeddings) needs a gradient.
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
-    targets = "all-linear" if cfg.targets == ["all-linear"] else cfg.targets
-    lora = LoraConfig(r=r, lora_alpha=cfg.alpha(r), lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, use_rslora=cfg.rslora, task_type="CAUSAL_LM")
     # peft keeps adapter weights in fp32 over a bf16 base (autocast_adapter_dtype).
-    return get_peft_model(base, lora)
+    return get_peft_model(base, lora_config(r, cfg))
 
 
 def save_adapter(model, tokenizer, metrics: dict, r_dir: Path, weights: dict | None) -> None:

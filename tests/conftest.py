@@ -55,3 +55,21 @@ def cpu_amp(monkeypatch):
             return accelerator
         monkeypatch.setattr(module, "make_accelerator", make_accelerator)
     return patch
+
+
+@pytest.fixture
+def first_forward(monkeypatch):
+    """`first_forward(TaskClass)` returns a dict that the first training forward of a run
+    fills with the trainable weights it runs on: where a run really starts."""
+    def watch(task_class) -> dict:
+        seen, real = {}, task_class.loss_sum
+
+        def loss_sum(self, model, batch):
+            if not seen:
+                seen.update({n: p.detach().clone() for n, p in model.named_parameters()
+                             if p.requires_grad})
+            return real(self, model, batch)
+
+        monkeypatch.setattr(task_class, "loss_sum", loss_sum)
+        return seen
+    return watch

@@ -14,6 +14,7 @@ rank (`micro`: unit count, summed loss, its rows) for the test to regroup by ste
 """
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -117,6 +118,23 @@ def record_micro_batches(task, rank: int) -> list[dict]:
     return micro
 
 
+def fail_disk_from_save(n: int) -> None:
+    """From this process's n-th checkpoint save on, every fsync fails as a dying disk's does."""
+    from core import checkpoint
+    real, saves = checkpoint.save, {"n": 0}
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def save(*args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == n:
+            os.fsync = failing_fsync
+        return real(*args, **kwargs)
+
+    checkpoint.save = save
+
+
 def main(argv: list[str] | None = None) -> int:
     from core.parallel import make_accelerator
 
@@ -131,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stdio", help="directory for each rank's stdout/stderr")
     parser.add_argument("--signal-rank", type=int, help="this rank sends itself SIGTERM ...")
     parser.add_argument("--signal-at", type=int, help="... before its n-th training forward")
+    parser.add_argument("--fsdp", action="store_true", help="shard the model (FSDP2)")
+    parser.add_argument("--fail-save-rank", type=int, help="this rank's disk fails (EIO) ...")
+    parser.add_argument("--fail-save-at", type=int, help="... from its n-th checkpoint save on")
     args = parser.parse_args(argv)
     for name, _ in args.also:
         if name not in TASKS:
@@ -171,7 +192,8 @@ def run_task(name: str, out: Path, args, accelerator, signal_rank: int | None) -
     cfg = TrainConfig(model="tiny", batch_size=args.batch_size, grad_accum=args.grad_accum,
                       eval_batch_size=4, epochs=2, lr=LR[name], warmup_steps=2, weight_decay=0.01,
                       group_by_length=False, seed=0, eval_every=0, save_every=5, log_every=4,
-                      keep_checkpoints=3, resume_from="latest" if args.resume else None)
+                      keep_checkpoints=3, resume_from="latest" if args.resume else None,
+                      fsdp=args.fsdp)
     model, task, rows = TASKS[name](cfg, accelerator)
     model.eval()
     initial = task.evaluate(model)  # the same weights everywhere: must match one process exactly
@@ -194,6 +216,8 @@ def run_task(name: str, out: Path, args, accelerator, signal_rank: int | None) -
 
         task.loss_sum = loss_sum
 
+    if args.fail_save_rank == rank:
+        fail_disk_from_save(args.fail_save_at)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()

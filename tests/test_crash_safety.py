@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import train_cls
-from core import checkpoint
+from core import checkpoint, manifest
 from core.data import load_split
 from core.demo import data_file, tiny_distilbert_config, wordpiece_tokenizer
 from core.errors import UsageError, run_cli
@@ -84,22 +84,27 @@ class InfGrad(torch.autograd.Function):
 
 # --- which checkpoint `latest` means -------------------------------------------------------
 
-def test_latest_is_the_newest_complete_checkpoint(tmp_path):
+def test_latest_is_the_newest_checkpoint_that_verifies(tmp_path):
     root = tmp_path / "checkpoints"
     for name, complete in (("step-000003", True), ("step-000010", True),
-                           ("step-000012", False),       # killed before its state was written
+                           ("step-000012", False),       # its manifest lost
                            (".tmp-step-000015", True)):  # killed before the rename
         (root / name).mkdir(parents=True)
         (root / name / "model.pt").write_bytes(b"")
+        (root / name / "trainer_state.json").write_text("{}")
         if complete:
-            (root / name / "trainer_state.json").write_text("{}")
-    assert checkpoint.resolve("latest", tmp_path) == root / "step-000010"
+            (root / name / manifest.NAME).write_text(json.dumps(manifest.describe(root / name)))
+    found = checkpoint.resolve("latest", tmp_path)
+    assert found.path == root / "step-000010"
+    assert found.skipped == [f"skipped checkpoint {root / 'step-000012'}: it has no "
+                             f"{manifest.NAME} (cut short before its end, or written before "
+                             f"rawtune verified checkpoints); resuming from {found.path}"]
     assert [p.name for p in checkpoint.complete_checkpoints(root)] == ["step-000003",
                                                                        "step-000010"]
     with pytest.raises(UsageError, match="no checkpoint to resume from"):
         checkpoint.resolve("latest", tmp_path / "elsewhere")
     with pytest.raises(UsageError, match="not a checkpoint"):
-        checkpoint.resolve(str(root / "step-000012"), tmp_path)
+        checkpoint.resolve(str(root / "step-000012" / "model.pt"), tmp_path)
 
 
 def test_a_save_after_resuming_from_an_older_checkpoint_drops_the_abandoned_ones(tmp_path):
@@ -109,14 +114,14 @@ def test_a_save_after_resuming_from_an_older_checkpoint_drops_the_abandoned_ones
     root = tmp_path / "checkpoints"
     for step in (3, 6, 9):
         (root / f"step-{step:06d}").mkdir(parents=True)
-        (root / f"step-{step:06d}" / "trainer_state.json").write_text("{}")
+        (root / f"step-{step:06d}" / manifest.NAME).write_text("{}")
     model = torch.nn.Linear(2, 2)
     accelerator = Accelerator(cpu=True)
     model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
     checkpoint.save(root, 4, accelerator, model, optimizer, {"step": 4}, keep=2)
     assert [p.name for p in checkpoint.complete_checkpoints(root)] == ["step-000003",
                                                                        "step-000004"]
-    assert checkpoint.resolve("latest", tmp_path) == root / "step-000004"
+    assert checkpoint.resolve("latest", tmp_path).path == root / "step-000004"
 
 
 def test_sigkill_while_saving_keeps_the_previous_checkpoint(tiny_model, tmp_path):
@@ -130,9 +135,11 @@ sys.path.insert(0, {str(ROOT)!r})
 real = torch.save
 def dying_save(obj, f, *args, **kwargs):
     real(obj, f, *args, **kwargs)
-    if ".tmp-step-000010" in str(f) and str(f).endswith("optimizer.pt"):
-        with open(f, "r+b") as fh:
-            fh.truncate(os.path.getsize(f) // 2)
+    name = str(getattr(f, "name", f))  # checkpoints are written through file objects
+    if ".tmp-step-000010" in name and name.endswith("optimizer.pt"):
+        f.flush()
+        with open(name, "r+b") as fh:
+            fh.truncate(os.path.getsize(name) // 2)
         os.kill(os.getpid(), signal.SIGKILL)
 torch.save = dying_save
 import train_cls
@@ -143,10 +150,10 @@ sys.exit(train_cls.main({flags!r}))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ckpts = out / "checkpoints"
     assert (ckpts / ".tmp-step-000010").is_dir()
-    assert not (ckpts / ".tmp-step-000010" / "trainer_state.json").exists()
-    assert checkpoint.resolve("latest", out) == ckpts / "step-000005"
+    assert not (ckpts / ".tmp-step-000010" / manifest.NAME).exists()
+    assert checkpoint.resolve("latest", out).path == ckpts / "step-000005"
     for name in ("model.pt", "optimizer.pt", "rng_rank0.pt"):  # the previous one is whole
-        torch.load(ckpts / "step-000005" / name, weights_only=False)
+        torch.load(ckpts / "step-000005" / name, weights_only=True)
 
     assert run_cli(train_cls.main, flags + ["--resume-from", "latest"]) == 0
     assert [r["step"] for r in train_records(out)] == list(range(1, 13))

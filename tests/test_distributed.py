@@ -1,7 +1,8 @@
 """Data parallelism on CPU: two gloo ranks under torchrun against one process.
 
 The 2-rank jobs run once per module (they dominate its time): a full run, a run whose
-rank 1 alone is sent SIGTERM, and that run resumed. tests/dist_worker.py drives
+rank 1 alone is sent SIGTERM, that run resumed, and a sharded run whose rank 1 alone
+fails to write a checkpoint. tests/dist_worker.py drives
 core.loop.train on a tiny dropout-free DistilBERT and synthetic rows; the full run and
 its 1-rank counterpart then train a tiny Llama with LoRA (`--also lm`) in the same
 job, for the token-weighted half of the proof.
@@ -59,10 +60,15 @@ def runs(tmp_path_factory):
                           stdio="stopped"),
     }
     done["resumed"] = launch(root / "resumed", "--resume")
+    # Sharded, rank 1's disk fails (EIO) in the second save (step 10).
+    done["failed save"] = launch(root / "failed-save", "--fsdp", "--fail-save-rank", "1",
+                                 "--fail-save-at", "2")
     for name, proc in done.items():
         # torchrun exits 1 when a worker fails; the workers' own codes are checked below.
-        assert proc.returncode == (0 if name != "stopped" else 1), proc.stderr[-3000:]
-    return {name: root / name for name in ("ddp", "single", "resumed", "lm-ddp", "lm-single")}
+        assert proc.returncode == (0 if name in ("ddp", "single", "resumed") else 1), \
+            proc.stderr[-3000:]
+    return {name: root / name for name in ("ddp", "single", "resumed", "lm-ddp", "lm-single",
+                                           "failed-save")}
 
 
 def test_two_ranks_train_like_one_rank_with_accumulation(runs):
@@ -107,7 +113,8 @@ def test_only_rank_zero_reports_and_writes(runs):
         ["checkpoints", "final.pt", "result.json", "stdio", "train_log.jsonl"]
     ckpt = out / "checkpoints" / "step-000012"
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "model.pt", "optimizer.pt", "rng_rank0.pt", "rng_rank1.pt", "trainer_state.json"]
+        "manifest.json", "model.pt", "optimizer.pt", "rng_rank0.pt", "rng_rank1.pt",
+        "trainer_state.json"]
 
 
 def test_a_signal_on_one_rank_stops_all_at_the_same_step(runs):
@@ -129,6 +136,24 @@ def test_resumed_two_rank_run_is_bit_exact(runs):
     assert records(runs["resumed"]) == records(runs["ddp"])
     got, want = torch.load(runs["resumed"] / "final.pt"), torch.load(runs["ddp"] / "final.pt")
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_save_failing_on_one_rank_ends_every_rank_with_one_line(runs):
+    """Issue #10, item 2: every rank learns of rank 1's failure, so none waits for it."""
+    from core import manifest
+    out = runs["failed-save"]
+    ckpts = out / "checkpoints"
+    errors = [line for line in stdio(out, 0).splitlines() if line.startswith("error:")]
+    assert errors == [f"error: saving checkpoint step-000010 failed: Input/output error: "
+                      f"{ckpts}/.tmp-step-000010/sharded (rank 1); the partial checkpoint was "
+                      f"removed and the last good one, {ckpts / 'step-000005'}, is kept — once "
+                      f"{ckpts} has room and can be written, continue with the same command "
+                      f"and --resume-from latest --output-dir {out}"]
+    assert "error:" not in stdio(out, 1)  # one rank says it for all
+    for rank in (0, 1):
+        assert f"rank {rank} done, exit 1" in stdio(out, rank, "out")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000005"]
+    assert manifest.problem(ckpts / "step-000005") is None
 
 
 RTOL = 1e-5  # fp32: the two runs add the same numbers in different orders

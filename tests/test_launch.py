@@ -10,6 +10,7 @@ sharded run is stopped by SIGTERM to the torchrun process, as a cluster schedule
 stops a job, and resumed: it must repeat the uninterrupted run bit for bit.
 """
 
+import io
 import json
 import os
 import signal
@@ -177,6 +178,47 @@ def test_sigterm_to_the_launcher_checkpoints_once_and_resumes_bit_exact(cls_runs
     assert records(out["stopped"], "eval") == records(out["fsdp"], "eval")
     got, want = (load_file(out[k] / "model" / "model.safetensors") for k in ("stopped", "fsdp"))
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_an_fsdp_checkpoint_is_verified_and_every_file_loads_without_pickle(cls_runs):
+    """Issue #10, items 1 and 3 under --fsdp: the manifest covers both ranks' shards, and
+    every stored value (each a torch.save blob inside the .distcp files, found through the
+    .metadata file read by a restricted unpickler) loads with weights_only=True."""
+    from core import manifest, sharded
+    out, _ = cls_runs
+    path = out["fsdp"] / "checkpoints" / "step-000032"
+    listed = json.loads((path / manifest.NAME).read_text())["files"]
+    assert sorted(listed) == ["rng_rank0.pt", "rng_rank1.pt", "sharded/.metadata",
+                              "sharded/__0_0.distcp", "sharded/__1_0.distcp",
+                              "trainer_state.json"]
+    assert manifest.problem(path) is None
+    json.loads((path / "trainer_state.json").read_text())
+    for rank in (0, 1):
+        torch.load(path / f"rng_rank{rank}.pt", weights_only=True)
+    metadata = sharded.read_metadata(path / "sharded")
+    assert {info.relative_path for info in metadata.storage_data.values()} == {
+        "__0_0.distcp", "__1_0.distcp"}
+    for info in metadata.storage_data.values():
+        with (path / "sharded" / info.relative_path).open("rb") as f:
+            f.seek(info.offset)
+            torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+
+
+def test_a_new_run_in_one_process_starts_from_an_fsdp_checkpoint(cls_runs, tmp_path,
+                                                                 first_forward):
+    """--init-from gathers every rank's shards in one process, no launcher needed."""
+    import train_cls
+    from core.errors import run_cli
+    from tasks.classification import ClassificationTask
+    out, _ = cls_runs
+    config = json.loads((out["fsdp"] / "config.json").read_text())
+    seen = first_forward(ClassificationTask)
+    assert run_cli(train_cls.main, [
+        "--model", config["model"], "--train-file", config["train_file"], "--eval-file",
+        config["eval_file"], "--max-length", "64", "--max-steps", "1", "--output-dir",
+        str(tmp_path / "x"), "--init-from", str(out["fsdp"] / "checkpoints" / "step-000032")]) == 0
+    final = load_file(out["fsdp"] / "model" / "model.safetensors")
+    assert seen and all(torch.equal(tensor, final[name]) for name, tensor in seen.items())
 
 
 def test_a_resume_under_another_launch_names_the_one_it_needs(cls_runs):

@@ -6,6 +6,7 @@ loop's counters, the position in the epoch and the RNG streams. CPU fp32 is
 deterministic, so the comparison is exact, not approximate.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -109,8 +110,8 @@ def test_checkpoint_holds_everything_needed_to_continue(interrupted):
     assert len(optimizer["state"]) == len(model)  # moments for every trainable weight
     assert all(float(s["step"]) == 4 for s in optimizer["state"].values())
     assert {"exp_avg", "exp_avg_sq"} <= set(optimizer["state"][0])
-    rng = torch.load(path / "rng_rank0.pt", weights_only=False)
-    assert {"python", "numpy", "torch"} <= set(rng)
+    rng = torch.load(path / "rng_rank0.pt", weights_only=True)  # no pickle needed
+    assert {"python", "numpy_key", "torch"} <= set(rng)
     assert ("cuda" in rng) == (torch.cuda.is_available() and torch.cuda.is_initialized())
 
 
@@ -149,14 +150,78 @@ def test_resume_after_a_crash_replays_from_the_last_checkpoint(reference, tmp_pa
     assert_same_run(out, reference)
 
 
+def test_resume_skips_a_checkpoint_cut_short_and_stays_bit_exact(interrupted, reference,
+                                                                tmp_path, capsys):
+    """Issue #10: with the newest checkpoint's model.pt cut short, --resume-from latest died
+    in a PytorchStreamReader traceback although an intact checkpoint sat beside it."""
+    out = tmp_path / "run"
+    shutil.copytree(interrupted, out)
+    newest = out / "checkpoints" / "step-000004"
+    (newest / "model.pt").write_bytes((newest / "model.pt").read_bytes()[:1000])
+    assert run_cli(train_cls.main, FLAGS + ["--output-dir", str(out),
+                                            "--resume-from", "latest"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed at step 3" in err
+    assert err.count("skipped checkpoint") == 1
+    assert f"skipped checkpoint {newest}: model.pt is 1000 bytes, its manifest says" in err
+    assert_same_run(out, reference)
+
+
+def test_resume_from_a_damaged_checkpoint_by_name_is_refused(interrupted, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(interrupted, out)
+    newest = out / "checkpoints" / "step-000004"
+    size = (newest / "trainer_state.json").stat().st_size
+    (newest / "trainer_state.json").write_text('{"step": 4, "ep')  # a copy cut short
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    assert run_cli(train_cls.main, FLAGS + ["--output-dir", str(out),
+                                            "--resume-from", str(newest)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"error: checkpoint {newest} fails verification: trainer_state.json is 15 "
+                    f"bytes, its manifest says {size} (cut short?) — resume from "
+                    f"{out / 'checkpoints' / 'step-000003'}, the newest older checkpoint that "
+                    f"verifies")
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
+def test_a_save_failing_midway_ends_the_run_and_the_last_good_checkpoint_resumes(
+        reference, tmp_path, monkeypatch, capsys):
+    """Issue #10, item 2: the disk fills up while step 6's optimizer state is written."""
+    out, real = tmp_path / "run", torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if ".tmp-step-000006" in f.name and f.name.endswith("optimizer.pt"):
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert run_cli(train_cls.main, FLAGS + ["--output-dir", str(out)]) == 1
+    monkeypatch.undo()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    ckpts = out / "checkpoints"
+    assert last.startswith(f"error: saving checkpoint step-000006 failed: No space left on "
+                           f"device: {ckpts}/.tmp-step-000006/optimizer.pt; the partial "
+                           f"checkpoint was removed and the last good one, "
+                           f"{ckpts / 'step-000003'}, is kept — ")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000003"]
+    assert run_cli(train_cls.main, FLAGS + ["--output-dir", str(out),
+                                            "--resume-from", "latest"]) == 0
+    assert_same_run(out, reference)
+
+
 def test_resume_refuses_a_different_schedule(interrupted, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(interrupted, out)
     code = run_cli(train_cls.main, FLAGS + ["--output-dir", str(out), "--resume-from", "latest",
                                             "--epochs", "3"])
     assert code == 2
-    err = capsys.readouterr().err
-    assert "total_steps=16" in err and "total_steps=24" in err
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "total_steps=16" in line and "total_steps=24" in line
+    # Issue #10, item 4: the refusal names the way to go on under the new plan.
+    assert line.endswith(f"; or go on under this plan as a new run from its weights: --init-from "
+                         f"{out / 'checkpoints' / 'step-000004'} and a new --output-dir, without "
+                         f"--resume-from")
 
 
 @pytest.mark.parametrize("flag,saved,changed", [

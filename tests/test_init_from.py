@@ -1,0 +1,132 @@
+"""--init-from: a new run, under its own plan, whose trainable weights start from an
+earlier run's checkpoint or saved model/adapter (issue #10, item 4).
+
+Two short earlier runs serve every test: a classifier (train_cls.py) and a LoRA rank
+(train_lora.py), each with its final checkpoint and its saved model/ or adapter/.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+import train_cls
+import train_lora
+from core.demo import tiny_distilbert_config
+from core.errors import run_cli
+from tasks.classification import ClassificationTask
+from tasks.instruct import CausalLMTask
+
+CLS = ["--demo", "--max-train-samples", "64", "--max-eval-samples", "16", "--batch-size", "16",
+       "--eval-batch-size", "16", "--max-length", "64"]
+LORA = ["--demo", "--lora-r", "4", "--max-train-samples", "48", "--batch-size", "8",
+        "--eval-batch-size", "32", "--max-length", "128"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def earlier(tmp_path_factory):
+    """Finished runs to start from: a classifier's (4 steps) and a LoRA rank's (2 steps)."""
+    root = tmp_path_factory.mktemp("earlier")
+    assert run_cli(train_cls.main, CLS + ["--max-steps", "4", "--output-dir",
+                                          str(root / "cls")]) == 0
+    assert run_cli(train_lora.main, LORA + ["--max-steps", "2", "--output-dir",
+                                            str(root / "lora")]) == 0
+    other = root / "other-model"  # a classifier of another shape: 3 labels, 100 ids
+    AutoModelForSequenceClassification.from_config(
+        tiny_distilbert_config(100, 3, max_length=64)).save_pretrained(other)
+    return {"cls checkpoint": root / "cls" / "checkpoints" / "step-000004",
+            "cls model": root / "cls" / "model", "other model": other,
+            "lora checkpoint": root / "lora" / "r4" / "checkpoints" / "step-000002",
+            "lora adapter": root / "lora" / "r4" / "adapter"}
+
+
+@pytest.mark.parametrize("source", ["cls checkpoint", "cls model"])
+def test_a_classifier_run_continues_under_a_longer_plan(earlier, source, tmp_path, first_forward):
+    out = tmp_path / "longer"
+    seen = first_forward(ClassificationTask)
+    assert run_cli(train_cls.main, CLS + ["--max-steps", "8", "--lr", "5e-4", "--warmup-steps",
+                                          "2", "--output-dir", str(out), "--init-from",
+                                          str(earlier[source])]) == 0
+    ended = torch.load(earlier["cls checkpoint"] / "model.pt", weights_only=True)
+    assert seen.keys() == ended.keys()
+    assert all(torch.equal(seen[name], ended[name]) for name in ended)
+    assert json.loads((out / "config.json").read_text())["init_from"] == str(earlier[source])
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()
+               if '"train"' in line]
+    assert [r["step"] for r in records] == list(range(1, 9))  # counters start fresh,
+    assert [r["lr"] for r in records[:3]] == pytest.approx([0, 2.5e-4, 5e-4])  # the schedule,
+    optimizer = torch.load(out / "checkpoints" / "step-000008" / "optimizer.pt",
+                           weights_only=True)
+    assert all(float(s["step"]) == 8 for s in optimizer["state"].values())  # and AdamW
+
+
+@pytest.mark.parametrize("source", ["lora checkpoint", "lora adapter"])
+def test_a_lora_sweep_starts_from_an_earlier_adapter(earlier, source, tmp_path, first_forward):
+    out = tmp_path / "more"
+    seen = first_forward(CausalLMTask)
+    assert run_cli(train_lora.main, LORA + ["--max-steps", "3", "--output-dir", str(out),
+                                            "--init-from", str(earlier[source])]) == 0
+    ended = torch.load(earlier["lora checkpoint"] / "model.pt", weights_only=True)
+    assert seen.keys() == ended.keys() and any("lora_B" in name for name in ended)
+    assert all(torch.equal(seen[name], ended[name]) for name in ended)
+    assert json.loads((out / "config.json").read_text())["init_from"] == str(earlier[source])
+    assert json.loads((out / "r4" / "metrics.json").read_text())["steps"] == 3
+
+
+def damaged(earlier, tmp_path) -> str:
+    copy = tmp_path / "step-000004"
+    shutil.copytree(earlier["cls checkpoint"], copy)
+    (copy / "model.pt").write_bytes(b"")
+    return str(copy)
+
+
+BOTH = "--init-from starts a new run and --resume-from continues one"
+LORA_WEIGHTS = "holds LoRA adapter weights, from a train_lora.py run"
+CLS_WEIGHTS = "holds a whole model's weights, from a train_cls.py run"
+# (id, script, its flags after CLS or LORA, words the one error line must hold); `e` holds
+# the earlier runs' paths, `d` is a fresh directory.
+CASES = [
+    ("cls: with --resume-from", train_cls,
+     lambda e, d: ["--init-from", str(e["cls checkpoint"]), "--resume-from", "latest"], BOTH),
+    ("cls: a LoRA checkpoint", train_cls, lambda e, d: ["--init-from", str(e["lora checkpoint"])],
+     LORA_WEIGHTS),
+    ("cls: a LoRA adapter", train_cls, lambda e, d: ["--init-from", str(e["lora adapter"])],
+     LORA_WEIGHTS),
+    ("cls: another architecture", train_cls, lambda e, d: ["--init-from", str(e["other model"])],
+     "does not fit this model"),
+    ("cls: a damaged checkpoint", train_cls, lambda e, d: ["--init-from", damaged(e, d)],
+     "fails verification: model.pt is 0 bytes"),
+    ("cls: nothing there", train_cls, lambda e, d: ["--init-from", str(d / "nothing")],
+     "is neither a checkpoint"),
+    ("cls: resume a LoRA checkpoint", train_cls,
+     lambda e, d: ["--resume-from", str(e["lora checkpoint"])], LORA_WEIGHTS),
+    ("lora: with --resume-from", train_lora,
+     lambda e, d: ["--init-from", str(e["lora adapter"]), "--resume-from", "latest"], BOTH),
+    ("lora: a classifier's checkpoint", train_lora,
+     lambda e, d: ["--init-from", str(e["cls checkpoint"])], CLS_WEIGHTS),
+    ("lora: a classifier's model", train_lora, lambda e, d: ["--init-from", str(e["cls model"])],
+     CLS_WEIGHTS),
+    ("lora: another rank", train_lora,
+     lambda e, d: ["--init-from", str(e["lora adapter"]), "--lora-r", "4", "8"],
+     "holds rank-4 adapters, which cannot start a rank-8 one (--lora-r 8)"),
+    ("lora: other target modules", train_lora,
+     lambda e, d: ["--init-from", str(e["lora checkpoint"]), "--target-modules", "q_proj"],
+     "does not fit this model"),
+]
+
+
+@pytest.mark.parametrize("case,script,build,words", CASES, ids=[c[0] for c in CASES])
+def test_bad_init_from_is_one_line_and_writes_nothing(earlier, tmp_path, capsys, case, script,
+                                                      build, words):
+    out = tmp_path / "run"
+    base = CLS if script is train_cls else LORA
+    argv = base + build(earlier, tmp_path) + ["--output-dir", str(out)]
+    assert run_cli(script.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and " — " in err[0], err
+    assert words in err[0]
+    assert not out.exists()
