@@ -199,5 +199,10 @@ def write_outputs(out_dir: Path, result: dict, task: ClassificationTask, labels,
           f"files in {out_dir}")
 
 
+def cli() -> int:
+    """The `rawtune-cls` console script."""
+    return run_cli(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())
