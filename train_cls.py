@@ -12,8 +12,9 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import ClassVar
 
-from core import checkpoint, init_from, run_dir
+from core import best, checkpoint, init_from, run_dir
 from core.config import TrainConfig, opt, parse_config
 from core.data import load_split, require_columns, take
 from core.demo import data_file, tiny_distilbert_config, wordpiece_tokenizer
@@ -21,12 +22,14 @@ from core.errors import fail, run_cli
 from core.loop import TrainData, plan_steps, train
 from core.parallel import Agreement, check_fsdp, gathered_weights, make_accelerator
 from core.pretrained import check_max_length, load_pretrained
+from core.trackers import Trackers
 from eval.classification import plot_confusion_matrix
+from eval.plot import plot_runs
 from tasks.classification import (ClassificationTask, forward_inputs, label_map,
                                   one_class_warning, tokenize)
 
 PRODUCED = ["config.json", "train_log.jsonl", "metrics.json", "predictions.jsonl",
-            "confusion_matrix.png", "model", "checkpoints"]
+            "confusion_matrix.png", "curves.png", "model", "checkpoints", "best", "tb"]
 
 # --demo: shipped reviews, a tiny model and tokenizer; a --config file and flags still win.
 DEMO_FLAGS = ["--train-file", data_file("sentiment.jsonl"), "--max-train-samples", "1000",
@@ -43,6 +46,8 @@ class ClsConfig(TrainConfig):
     text_column: str = opt("text", "column holding the text")
     text_pair_column: str | None = opt(None, "column holding a second text (sentence pairs)")
     label_column: str = opt("label", "column holding the label: int ids or class names")
+
+    EVAL_METRICS: ClassVar[tuple[str, ...]] = ("accuracy", "f1", "precision", "recall", "loss")
 
 
 def load_rows(cfg: ClsConfig):
@@ -153,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                               "the training data")
         eval_rows = tokenize(eval_raw, tokenizer, *columns, labels, cfg.max_length,
                              "the eval data")
-        plan_steps(len(train_rows), cfg, accelerator.num_processes)  # can a batch be filled?
+        # Can a batch be filled? Does early stopping have evaluations to compare?
+        best.check_plan(cfg, *plan_steps(len(train_rows), cfg, accelerator.num_processes))
         agreed.what = {**cfg.to_dict(), "training data": checkpoint.data_fingerprint(train_rows),
                        "eval data": checkpoint.data_fingerprint(eval_rows)}
     model = load_model(cfg, config)  # last: the weights are the slow part
@@ -173,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                               len(labels.names), accelerator,
                               cfg.pad_multiple(accelerator.device), forward_inputs(model))
     data = TrainData(train_rows, task.collate, [len(r["input_ids"]) for r in train_rows])
-    result = train(model, task, data, cfg, accelerator, out_dir)
+    trackers = Trackers(cfg.report_to, accelerator, out_dir / "tb", cfg.run_name or out_dir.name,
+                        cfg.to_dict())
+    result = train(model, task, data, cfg, accelerator, out_dir, trackers)
 
     # Under --fsdp every rank hands in its shards; rank 0 writes the whole model.
     weights = gathered_weights(model, trainable_only=False) if cfg.fsdp else None
@@ -191,7 +199,7 @@ def write_outputs(out_dir: Path, result: dict, task: ClassificationTask, labels,
                "train_samples_per_s": result["train_samples_per_s"],
                "train_loss": result["train_loss"], "steps": result["steps"],
                "skipped_steps": result["skipped_steps"],
-               "state_mib_per_device": result["state_mib_per_device"]}
+               "state_mib_per_device": result["state_mib_per_device"], **result["keep_best"]}
     run_dir.write_json(out_dir / "metrics.json", metrics)
     with (out_dir / "predictions.jsonl").open("w") as f:
         for row in task.predictions:
@@ -201,11 +209,17 @@ def write_outputs(out_dir: Path, result: dict, task: ClassificationTask, labels,
                           title=f"{out_dir.name}: accuracy {metrics['accuracy']:.2%}")
     model.save_pretrained(out_dir / "model", state_dict=weights)  # None: the model's own
     tokenizer.save_pretrained(out_dir / "model")
+    plot_runs([out_dir], out_dir / "curves.png")
     print(f"accuracy {metrics['accuracy']:.4f}  precision {metrics['precision']:.4f}  "
           f"recall {metrics['recall']:.4f}  f1 {metrics['f1']:.4f}  "
           f"({metrics['n_eval']} eval examples, {metrics['train_s']:.1f}s training)\n"
           f"files in {out_dir}")
 
 
+def cli() -> int:
+    """The `rawtune-cls` console script."""
+    return run_cli(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

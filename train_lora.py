@@ -12,7 +12,8 @@ the adapter. Every rank sees the same data order and the same held-out rows, so 
 runs differ in r alone. Finally, a plot and a table compare the ranks.
 
 Files: OUT/config.json; OUT/r{R}/ with adapter/, train_log.jsonl, metrics.json (and
-merged/ with --merge); OUT/loss_vs_r.png, OUT/sweep.md, OUT/sweep.json. With --demo,
+merged/ with --merge, best/ with --keep-best); OUT/loss_vs_r.png, OUT/sweep.md,
+OUT/sweep.json; OUT/tb/r{R}/ with --report-to tensorboard. With --demo,
 OUT/base_model/ holds the tiny base the adapters load onto.
 """
 
@@ -21,12 +22,13 @@ import json
 import sys
 from pathlib import Path
 
-from core import checkpoint, run_dir
+from core import best, checkpoint, run_dir
 from core.config import parse_config
 from core.demo import data_file
 from core.errors import fail, run_cli
 from core.loop import TrainData, plan_steps, train
 from core.parallel import Agreement, check_fsdp, gathered_weights, make_accelerator
+from core.trackers import Trackers
 from eval.sweep import final_train_loss, write_sweep
 from tasks.instruct import CausalLMTask, encode, prompt_template
 from tasks.instruct_rows import load_examples, report_encoding
@@ -36,7 +38,7 @@ from tasks.lora_model import (LLAMA_PROJECTIONS, base_dtype, build_lora_model,
                               check_target_modules, load_tokenizer, model_config, save_adapter,
                               save_demo_base, save_merged, use_slow_tokenizer)
 
-SWEEP_FILES = ["config.json", "base_model", "loss_vs_r.png", "sweep.md", "sweep.json"]
+SWEEP_FILES = ["config.json", "base_model", "loss_vs_r.png", "sweep.md", "sweep.json", "tb"]
 
 # --demo: the shipped instruction set, a tiny Llama and a BPE tokenizer trained on
 # the rows; the full sweep. A --config file and flags still win. The tiny base is
@@ -55,7 +57,8 @@ def finished_metrics(r_dir: Path, cfg: LoraRunConfig) -> dict | None:
 
 
 def run_rank(r: int, source: str, cfg: LoraRunConfig, task: CausalLMTask, data: TrainData,
-             tokenizer, accelerator, r_dir: Path, baseline: dict | None) -> dict:
+             tokenizer, accelerator, r_dir: Path, baseline: dict | None,
+             trackers: Trackers) -> dict:
     """Train one rank into r_dir and save its adapter; return its metrics.
 
     `baseline` is the untrained model's evaluation; None makes this rank compute it.
@@ -71,7 +74,7 @@ def run_rank(r: int, source: str, cfg: LoraRunConfig, task: CausalLMTask, data: 
     resume = "latest" if cfg.resume_from and checkpoint.complete_checkpoints(
         r_dir / "checkpoints") else None
     result = train(model, task, data, dataclasses.replace(cfg, resume_from=resume), accelerator,
-                   r_dir)
+                   r_dir, trackers)
     metrics = {"r": r, "lora_alpha": cfg.alpha(r), "eval_loss": result["eval"]["loss"],
                "perplexity": result["eval"]["perplexity"], "eval_loss_before": baseline["loss"],
                "train_loss": result["train_loss"], "final_train_loss": final_train_loss(r_dir),
@@ -81,7 +84,7 @@ def run_rank(r: int, source: str, cfg: LoraRunConfig, task: CausalLMTask, data: 
                "train_samples_per_s": result["train_samples_per_s"], "train_s": result["train_s"],
                "steps": result["steps"], "skipped_steps": result["skipped_steps"],
                "n_eval_tokens": result["eval"]["n_eval_tokens"],
-               "state_mib_per_device": result["state_mib_per_device"]}
+               "state_mib_per_device": result["state_mib_per_device"], **result["keep_best"]}
     # Under --fsdp every rank hands in its shards of the adapter; rank 0 writes it whole.
     weights = gathered_weights(model, trainable_only=True) if cfg.fsdp else None
     if accelerator.is_main_process:
@@ -120,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         train_enc = encode(train_examples, template, tokenizer, cfg.max_length,
                            "the training data")
         eval_enc = encode(eval_examples, template, tokenizer, cfg.max_length, "the eval data")
-        plan_steps(len(train_enc.rows), cfg, accelerator.num_processes)  # a batch filled?
+        micro_per_epoch, total_steps = plan_steps(len(train_enc.rows), cfg,
+                                                  accelerator.num_processes)  # a batch filled?
+        cfg = cfg.with_eval_every(total_steps)
+        best.check_plan(cfg, micro_per_epoch, total_steps)  # evaluations to stop early on?
         agreed.what = {**cfg.to_dict(),
                        "training data": checkpoint.data_fingerprint(train_enc.rows),
                        "eval data": checkpoint.data_fingerprint(eval_enc.rows)}
@@ -162,8 +168,12 @@ def main(argv: list[str] | None = None) -> int:
             accelerator.print(f"— LoRA r={r}, alpha={cfg.alpha(r):g} —")
             if fresh_scaler:
                 accelerator.scaler.load_state_dict(fresh_scaler)
+            # TensorBoard: OUT/tb/r{R}/, so `tensorboard --logdir OUT/tb` overlays the ranks.
+            trackers = Trackers(cfg.report_to, accelerator, out_dir / "tb" / r_dir.name,
+                                f"{cfg.run_name or out_dir.name}-{r_dir.name}",
+                                {**cfg.to_dict(), "lora_r": r, "lora_alpha": cfg.alpha(r)})
             metrics = run_rank(r, source, cfg, task, data, tokenizer, accelerator, r_dir,
-                               baseline)
+                               baseline, trackers)
         baseline = baseline or {"loss": metrics["eval_loss_before"]}
         results.append(metrics)
 
@@ -175,5 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """The `rawtune-lora` console script."""
+    return run_cli(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

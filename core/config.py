@@ -13,8 +13,9 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
+from core import trackers
 from core.errors import UsageError, fail
 
 C = TypeVar("C", bound="TrainConfig")
@@ -95,6 +96,23 @@ class TrainConfig:
                                       "act (default: 1 on CPU, 10 on GPU; every step is logged)")
     skip_nonfinite: bool = opt(False, "skip optimizer steps whose loss or gradient is not finite")
 
+    # Watching a run: trackers beside train_log.jsonl, and the best evaluation's weights.
+    report_to: list[str] = opt(["none"], "also report every step and evaluation to "
+                                         "tensorboard (OUT/tb/), wandb or mlflow, several "
+                                         "allowed, or none; each is an extra: pip install "
+                                         "'rawtune[tensorboard]'", choices=trackers.CHOICES,
+                               metavar="TRACKER")
+    keep_best: str | None = opt(None, "keep the weights of the best evaluation by METRIC "
+                                      "(classification: accuracy, f1, precision, recall or "
+                                      "loss; LoRA: loss or perplexity; loss and perplexity "
+                                      "lower is better) and save them, not the last, as the "
+                                      "run's model", metavar="METRIC")
+    early_stopping_patience: int | None = opt(None, "with --keep-best: stop after N evaluations "
+                                                    "in a row without improvement", metavar="N")
+
+    # The numeric metrics the script's evaluation reports, for --keep-best.
+    EVAL_METRICS: ClassVar[tuple[str, ...]] = ("loss",)
+
     def uses_demo_model(self) -> bool:
         """--demo without a --model of the user's: build the tiny model and tokenizer."""
         return self.demo and self.model == type(self).model  # the class attribute is the default
@@ -123,7 +141,7 @@ class TrainConfig:
         non_negative = {"weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm,
                         "eval_every": self.eval_every, "save_every": self.save_every}
         for name, value in non_negative.items():
-            if value < 0:
+            if value is not None and value < 0:  # None: the script's default (train_lora.py)
                 raise fail(f"--{flag(name)} must not be negative, got {value}",
                            f"pass 0 or more to --{flag(name)}")
         for name in ("max_steps", "warmup_steps", "max_train_samples", "max_eval_samples",
@@ -154,6 +172,9 @@ class TrainConfig:
                        "--init-from to continue the run as it was planned")
         if not self.model and not self.demo:
             raise fail("no model given", "pass --model NAME_OR_DIR, or --demo")
+        trackers.check(self.report_to)
+        from core import best  # here: it imports torch, which parsing flags does not need
+        best.check(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -56,11 +56,13 @@ import torch
 
 from core import checkpoint, host_memory, init_from, parallel
 from core.batching import train_batches
+from core.best import BestKeeper
 from core.config import TrainConfig
 from core.errors import UsageError
 from core.flops import StepFlops, peak_tflops
 from core.optim import build_adamw, lr_factor, set_lr, warmup_steps_for
 from core.runlog import RunLog, Timer
+from core.trackers import Trackers
 
 Batch = dict[str, torch.Tensor]
 
@@ -151,8 +153,9 @@ def _windows(data: TrainData, cfg: TrainConfig, world: int, rank: int,
 
 
 def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
-          accelerator, out_dir: Path) -> dict[str, Any]:
-    """Fine-tune `model` in place; return the run's figures and last evaluation."""
+          accelerator, out_dir: Path, trackers: Trackers | None = None) -> dict[str, Any]:
+    """Fine-tune `model` in place; return the run's figures and the evaluation of the
+    weights it ends with (with --keep-best, the best evaluation's)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     micro_per_epoch, total_steps = plan_steps(len(data.rows), cfg, world)
     warmup = warmup_steps_for(total_steps, cfg.warmup_ratio, cfg.warmup_steps)
@@ -164,6 +167,7 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
     # So must the optimizer settings its saved state carries: loading it would bring them back.
     plan.update({"weight_decay": cfg.weight_decay, "adam_beta1": cfg.adam_beta1,
                  "adam_beta2": cfg.adam_beta2, "adam_eps": cfg.adam_eps})
+    plan["keep_best"] = cfg.keep_best  # the best so far a checkpoint carries is of this metric
 
     device, ckpt_root = accelerator.device, out_dir / "checkpoints"
     if device.type == "cpu" and cfg.return_cpu_memory:
@@ -198,8 +202,9 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
     # read-back, so its counters give their number exactly.
     applied_steps = torch.tensor(float(state["step"] - state["skipped"]), dtype=torch.float64,
                                  device=device)
+    best = BestKeeper(cfg, out_dir, state, accelerator)  # --keep-best, --early-stopping-patience
     log = RunLog(out_dir / "train_log.jsonl", total_steps, accelerator.is_main_process,
-                 state["step"])
+                 state["step"], trackers)
     log.print(f"{total_steps} optimizer steps ({micro_per_epoch} micro-batches/epoch/device, "
               f"{world} device(s){', FSDP' if cfg.fsdp else ''}, accumulation {cfg.grad_accum}, "
               f"warmup {warmup})"
@@ -214,7 +219,7 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
 
     try:
         windows = _windows(data, cfg, world, rank, state["epoch"], state["micro_done"])
-        while state["step"] < total_steps:
+        while state["step"] < total_steps and not best.stopped:
             epoch, done, window = next(windows)
             step = state["step"]
             with timer:
@@ -268,7 +273,8 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
                 raise _nonfinite_error(fault, ckpt_root, out_dir)
             if eval_now:
                 last_eval = _evaluate(model, task, accelerator, log, state, micro_per_epoch)
-            if save_now or stopping:  # a signal on any rank: checkpoint and leave
+                finished = best.update(last_eval, state["step"], model, log) or finished
+            if save_now or finished or stopping:  # a signal on any rank: checkpoint and leave
                 state["train_s"] = timer.elapsed
                 path = checkpoint.save(ckpt_root, state["step"], accelerator, model, optimizer,
                                        state, cfg.keep_checkpoints)
@@ -280,12 +286,14 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
                                   code=128 + (stop.signum or signal.SIGTERM))
         if last_eval is None:  # resumed from the final checkpoint: nothing left but to score
             last_eval = _evaluate(model, task, accelerator, log, state, micro_per_epoch)
+        kept_eval = best.restore(model, task, last_eval, state["step"], log)
     finally:
         log.close()
         stop.restore()
 
     applied_steps = max(1, state["step"] - state["skipped"])
-    return {"eval": last_eval, "steps": state["step"], "train_s": timer.elapsed,
+    return {"eval": kept_eval, "keep_best": best.report(last_eval, state["step"]),
+            "steps": state["step"], "train_s": timer.elapsed,
             "train_samples_per_s": state["samples"] / max(timer.elapsed, 1e-9),
             "train_tokens_per_s": state["tokens"] / max(timer.elapsed, 1e-9),
             "train_units_per_s": state["units"] / max(timer.elapsed, 1e-9),

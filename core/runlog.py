@@ -1,23 +1,31 @@
 """What a run tells its user: a rich progress bar and a JSONL record per step.
 
-Only the main process reports; the others train silently.
+Only the main process reports; the others train silently. Trackers (--report-to,
+core/trackers.py) get a copy of every record.
 """
+
+from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Column
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeRemainingColumn)
 
+if TYPE_CHECKING:
+    from core.trackers import Trackers
+
 
 class RunLog:
-    def __init__(self, path: Path, total_steps: int, enabled: bool, resume_step: int = 0):
+    def __init__(self, path: Path, total_steps: int, enabled: bool, resume_step: int = 0,
+                 trackers: Trackers | None = None):
         self.enabled = enabled
         self.path = path
+        self.trackers = trackers if enabled else None
         self.console = Console(stderr=True)
         # The step count comes before the figures, so a narrow terminal cuts figures first.
         count_width = 2 * len(str(total_steps)) + 1
@@ -31,6 +39,8 @@ class RunLog:
                                            stats="")
         if enabled:
             self._truncate_after(resume_step)
+            if self.trackers:
+                self.trackers.start(resume_step)
             self.progress.start()
 
     def _truncate_after(self, step: int) -> None:
@@ -47,6 +57,8 @@ class RunLog:
 
     def step(self, record: dict[str, Any]) -> None:
         self.write({"type": "train", **record})
+        if self.trackers:
+            self.trackers.log("train", record)
         stats = (f"loss {record['loss']:.4f} lr {record['lr']:.1e} "
                  f"{record['samples_per_s']:.0f} ex/s {record['tokens_per_s']:.0f} tok/s "
                  f"pad {record['padding']:.0%}")
@@ -58,6 +70,8 @@ class RunLog:
 
     def eval(self, record: dict[str, Any]) -> None:
         self.write({"type": "eval", **record})
+        if self.trackers:
+            self.trackers.log("eval", record)
         if self.enabled:
             shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float)}
             self.console.print(f"eval @ step {record['step']}: {shown}", soft_wrap=True)
@@ -68,6 +82,8 @@ class RunLog:
 
     def close(self) -> None:
         self.progress.stop()
+        if self.trackers:
+            self.trackers.finish()
 
 
 def _step(line: str) -> float:

@@ -4,8 +4,9 @@
 
 Each run directory holds the `metrics.json` and `config.json` a training run
 writes. The comparison is printed as a table and saved as `comparison.md` plus
-`confusion_matrices.png`. Every input is read and checked before anything is
-written, so a bad run directory leaves no half-finished report behind.
+`confusion_matrices.png`, and, when every run has its `train_log.jsonl`, `curves.png`:
+the runs' training curves overlaid (see eval/plot.py). Every input is read and checked
+before anything is written, so a bad run directory leaves no half-finished report behind.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from rich.table import Table
 
 from core.errors import fail, run_cli
 from eval.classification import plot_confusion_matrices
+from eval.plot import LOG, draw, load_runs, program
 
 REQUIRED_METRICS = ("accuracy", "precision", "recall", "f1", "train_s", "confusion_matrix")
 MARKDOWN_NAME = "comparison.md"
 PLOT_NAME = "confusion_matrices.png"
+CURVES_NAME = "curves.png"
 COLUMNS = ("Method", "Accuracy (%)", "Precision (%)", "Recall (%)", "F1 (%)", "Train time (s)")
 
 
@@ -51,7 +54,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m eval.compare", description=__doc__.splitlines()[0])
+    parser = _Parser(prog=program("eval.compare"), description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="training output directory")
     parser.add_argument("--out", type=Path, default=Path("."), help="where to write the report (default: .)")
     parser.add_argument("--names", nargs="+", metavar="NAME", help="method names, one per RUN_DIR, in order")
@@ -168,13 +171,15 @@ def _compare(argv: list[str] | None) -> int:
     names = args.names or [None] * len(args.run_dirs)
     runs = [_load_run(run_dir, name) for run_dir, name in zip(args.run_dirs, names)]
     label_names = _label_names(runs)
+    logged = all((run_dir / LOG).is_file() for run_dir in args.run_dirs)
+    curves = load_runs(args.run_dirs, [run.name for run in runs]) if logged else None
 
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise fail(f"--out {out} is a file", "pass a directory (it is created if missing)")
     markdown_path, plot_path = out / MARKDOWN_NAME, out / PLOT_NAME
     if not args.overwrite:
-        for path in (markdown_path, plot_path):
+        for path in (markdown_path, plot_path) + ((out / CURVES_NAME,) if curves else ()):
             if path.exists():
                 raise fail(f"{path} already exists", "pass --overwrite to replace it, or choose another --out")
 
@@ -183,6 +188,10 @@ def _compare(argv: list[str] | None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     markdown_path.write_text(_markdown(rows), encoding="utf-8")
     plot_confusion_matrices([(run.name, run.confusion_matrix) for run in runs], label_names, plot_path)
+    if curves:
+        draw(curves, out / CURVES_NAME)
+    else:
+        print(f"no {CURVES_NAME}: not every run has its {LOG}")
     return 0
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from core.batching import eval_batches, filler
 from eval.classification import PLOT_DPI
+from eval.plot import smooth
 
 IGNORE = -100  # the label of a token that is not a target
 
@@ -121,36 +122,37 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
     return get() if get else None
 
 
-def smooth(values: Sequence[float], weight: float = 0.8) -> list[float]:
-    """Exponential moving average, debiased so the first points are not pulled to zero."""
-    out, average = [], 0.0
-    for n, value in enumerate(values, start=1):
-        average = weight * average + (1 - weight) * value
-        out.append(average / (1 - weight ** n))
-    return out
-
-
-def plot_loss_vs_r(curves: dict[int, list[tuple[int, float]]], eval_loss: dict[int, float],
+def plot_loss_vs_r(curves: dict[int, list[tuple[int, float]]],
+                   eval_curves: dict[int, list[tuple[int, float]]], eval_loss: dict[int, float],
                    eval_loss_before: float, path: str | Path) -> None:
-    """Left: training loss per step for each rank. Right: final eval loss against r (log2 axis)."""
+    """Left: training loss per step for each rank. Middle: eval loss per evaluation for
+    each rank, from the base model's at step 0. Right: final eval loss against r (log2 axis).
+
+    Side by side, the left and middle panels show under- and over-fitting: a rank whose
+    training loss keeps falling while its eval loss turns up is memorising."""
     import matplotlib  # here, not at the top: a training process need not hold it
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    left, right = fig.subplots(1, 2)
+    fig = Figure(figsize=(16, 4.2), layout="constrained")
+    left, middle, right = fig.subplots(1, 3)
     colors = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(curves)))
     for color, (r, points) in zip(colors, sorted(curves.items())):
         steps, losses = zip(*points)
         left.plot(steps, losses, color=color, alpha=0.2, linewidth=0.8)  # raw, faint
         left.plot(steps, smooth(losses), color=color, label=f"r={r}")
+        steps, losses = zip(*[(0, eval_loss_before), *eval_curves.get(r, [])])
+        middle.plot(steps, losses, color=color, marker="o", markersize=3, label=f"r={r}")
     left.set(xlabel="optimizer step", ylabel="training loss (per target token)",
              title="Training loss (smoothed)")
     left.legend()
+    middle.set(xlabel="optimizer step", ylabel="eval loss (per target token)",
+               title="Eval loss during training")
+    middle.legend()
     ranks = sorted(eval_loss)
     right.plot(ranks, [eval_loss[r] for r in ranks], marker="o")
     right.axhline(eval_loss_before, color="grey", linestyle="--", label="before training")
     right.set_xscale("log", base=2)
     right.set_xticks(ranks, [str(r) for r in ranks])
     right.set(xlabel="LoRA rank r", ylabel="eval loss (per target token)",
-              title="Final eval loss vs rank")
+              title="Eval loss of the saved adapter vs rank")
     right.legend()
     fig.savefig(path, dpi=PLOT_DPI, format="png")

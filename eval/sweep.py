@@ -19,14 +19,20 @@ def read_log(r_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (r_dir / "train_log.jsonl").read_text().splitlines()]
 
 
+def _losses(log: list[dict], kind: str) -> list[tuple[int, float]]:
+    """(step, loss) of a log's training steps or evaluations."""
+    return [(record["step"], record["loss"]) for record in log if record["type"] == kind]
+
+
 def write_sweep(out_dir: Path, results: list[dict]) -> None:
     """loss_vs_r.png, sweep.json and sweep.md; the table is also printed."""
     from rich.console import Console
     from rich.table import Table
 
-    curves = {m["r"]: [(rec["step"], rec["loss"]) for rec in read_log(out_dir / f"r{m['r']}")
-                       if rec["type"] == "train"] for m in results}
-    plot_loss_vs_r(curves, {m["r"]: m["eval_loss"] for m in results},
+    logs = {m["r"]: read_log(out_dir / f"r{m['r']}") for m in results}
+    plot_loss_vs_r({r: _losses(log, "train") for r, log in logs.items()},
+                   {r: _losses(log, "eval") for r, log in logs.items()},
+                   {m["r"]: m["eval_loss"] for m in results},
                    results[0]["eval_loss_before"], out_dir / "loss_vs_r.png")
     run_dir.write_json(out_dir / "sweep.json", results)
     # Short headers, so the printed table fits an 80-column terminal.

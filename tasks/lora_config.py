@@ -5,6 +5,8 @@ The flags of `python train_lora.py --help` are generated from these fields
 """
 
 import dataclasses
+import math
+from typing import ClassVar
 
 from core.config import TrainConfig, opt
 from core.errors import fail
@@ -30,6 +32,9 @@ class LoraRunConfig(TrainConfig):
     eval_batch_size: int = opt(8, "examples per evaluation batch on each device")
     weight_decay: float = opt(0.0, "AdamW weight decay on the LoRA matrices")
     warmup_ratio: float = opt(0.03, "fraction of optimizer steps spent warming up the learning rate")
+    eval_every: int | None = opt(None, "evaluate every N optimizer steps; 0 = at the end of each "
+                                       "epoch (default: a tenth of each rank's steps, rounded "
+                                       "up: about 10 evaluations, the sweep plot's eval curves)")
 
     instruction_column: str = opt("instruction", "column of instructions (optional: without it "
                                                  "the input is the instruction)")
@@ -64,12 +69,21 @@ class LoraRunConfig(TrainConfig):
                                               "less memory, about a third more time")
     merge: bool = opt(False, "also save each base model with its adapter merged in, to r{R}/merged")
 
+    EVAL_METRICS: ClassVar[tuple[str, ...]] = ("loss", "perplexity")
+
     @property
     def targets(self) -> list[str]:
         return [name for item in self.target_modules for name in item.split(",") if name]
 
     def alpha(self, r: int) -> float:
         return self.lora_alpha if self.lora_alpha is not None else 2.0 * r
+
+    def with_eval_every(self, total_steps: int) -> "LoraRunConfig":
+        """--eval-every resolved: unset, a tenth of a rank's steps, rounded up (at most
+        10 evaluations, and every step of a run shorter than 10)."""
+        if self.eval_every is not None:
+            return self
+        return dataclasses.replace(self, eval_every=math.ceil(total_steps / 10))
 
     def validate(self) -> None:
         super().validate()

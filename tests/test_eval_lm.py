@@ -117,5 +117,6 @@ def test_smoothing_starts_at_the_first_value_and_follows_a_constant():
 
 def test_sweep_plot_is_written(tmp_path):
     curves = {4: [(1, 3.0), (2, 2.5)], 8: [(1, 3.0), (2, 2.2)]}
-    plot_loss_vs_r(curves, {4: 2.6, 8: 2.4}, 3.1, tmp_path / "p.png")
+    evals = {4: [(2, 2.6)], 8: [(1, 2.5), (2, 2.4)]}
+    plot_loss_vs_r(curves, evals, {4: 2.6, 8: 2.4}, 3.1, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -129,9 +129,9 @@ def test_every_rank_of_a_sweep_starts_from_the_same_loss_scale(tmp_path, cpu_amp
     scales = []
     real_train = train_lora.train
 
-    def train(model, task, data, cfg, accelerator, out_dir):
+    def train(model, task, data, cfg, accelerator, out_dir, *rest):
         scales.append(accelerator.scaler.get_scale())
-        result = real_train(model, task, data, cfg, accelerator, out_dir)
+        result = real_train(model, task, data, cfg, accelerator, out_dir, *rest)
         scales.append(accelerator.scaler.get_scale())
         return result
 

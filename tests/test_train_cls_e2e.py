@@ -18,7 +18,7 @@ def demo_run(tmp_path_factory):
 
 def test_demo_writes_every_artifact(demo_run):
     for name in ("config.json", "train_log.jsonl", "metrics.json", "predictions.jsonl",
-                 "confusion_matrix.png", "model/config.json"):
+                 "confusion_matrix.png", "curves.png", "model/config.json"):
         assert (demo_run / name).exists(), name
     metrics = json.loads((demo_run / "metrics.json").read_text())
     for key in ("accuracy", "precision", "recall", "f1", "loss", "confusion_matrix", "n_eval",
