@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from core import checkpoint, run_dir
-from core.config import TrainConfig, opt, parse_config
+from core.config import TrainConfig, flag, opt, parse_config
 from core.data import load_split, require_columns, take
 from core.demo import data_file, tiny_distilbert_config, wordpiece_tokenizer
 from core.errors import fail, run_cli
@@ -43,6 +43,11 @@ class ClsConfig(TrainConfig):
     text_column: str = opt("text", "column holding the text")
     text_pair_column: str | None = opt(None, "column holding a second text (sentence pairs)")
     label_column: str = opt("label", "column holding the label: int ids or class names")
+
+    # train_lora.py's quantised bases: frozen weights only, and this script trains them all.
+    refused = {name: ("train_cls.py trains every weight, and quantised weights cannot be "
+                      "trained", "quantise a frozen base under LoRA adapters instead: "
+                      f"train_lora.py --{flag(name)}") for name in ("load_in_4bit", "load_in_8bit")}
 
 
 def load_rows(cfg: ClsConfig):

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = {"samples_per_s", "tokens_per_s", "tflops", "mfu"}
+TIMING = {"samples_per_s", "tokens_per_s", "tflops", "mfu", "peak_rss_mib"}
 pytestmark = pytest.mark.slow
 
 

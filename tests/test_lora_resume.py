@@ -19,7 +19,7 @@ from tasks.instruct import CausalLMTask
 FLAGS = ["--demo", "--lora-r", "4", "8", "--max-train-samples", "96", "--batch-size", "8",
          "--grad-accum", "2", "--epochs", "1", "--lora-dropout", "0.1", "--log-every", "2",
          "--eval-batch-size", "32"]
-TIMING = {"samples_per_s", "tokens_per_s", "tflops", "mfu"}
+TIMING = {"samples_per_s", "tokens_per_s", "tflops", "mfu", "peak_rss_mib"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
