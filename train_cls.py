@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from core import best, checkpoint, init_from, run_dir
-from core.config import TrainConfig, opt, parse_config
+from core.config import TrainConfig, flag, opt, parse_config
 from core.data import load_split, require_columns, take
 from core.demo import data_file, tiny_distilbert_config, wordpiece_tokenizer
 from core.errors import fail, run_cli
@@ -48,6 +48,10 @@ class ClsConfig(TrainConfig):
     label_column: str = opt("label", "column holding the label: int ids or class names")
 
     EVAL_METRICS: ClassVar[tuple[str, ...]] = ("accuracy", "f1", "precision", "recall", "loss")
+    # train_lora.py's quantised bases: frozen weights only, and this script trains them all.
+    refused = {name: ("train_cls.py trains every weight, and quantised weights cannot be "
+                      "trained", "quantise a frozen base under LoRA adapters instead: "
+                      f"train_lora.py --{flag(name)}") for name in ("load_in_4bit", "load_in_8bit")}
 
 
 def load_rows(cfg: ClsConfig):

@@ -31,6 +31,7 @@ from core.parallel import Agreement, check_fsdp, gathered_weights, make_accelera
 from core.trackers import Trackers
 from eval.sweep import final_train_loss, write_sweep
 from tasks.instruct import CausalLMTask, encode, prompt_template
+from tasks import quantize
 from tasks.instruct_rows import load_examples, report_encoding
 from tasks.lora_config import LoraRunConfig
 from tasks.lora_start import check_start
@@ -64,7 +65,7 @@ def run_rank(r: int, source: str, cfg: LoraRunConfig, task: CausalLMTask, data: 
     `baseline` is the untrained model's evaluation; None makes this rank compute it.
     """
     dtype = base_dtype(accelerator, cfg.mixed_precision)
-    model = build_lora_model(source, r, cfg, dtype).to(accelerator.device)
+    model = build_lora_model(source, r, cfg, dtype, accelerator.device).to(accelerator.device)
     trainable, total = model.get_nb_trainable_parameters()
     if baseline is None:
         # LoRA's B matrices start at zero, so the untrained model is the base model:
@@ -84,13 +85,19 @@ def run_rank(r: int, source: str, cfg: LoraRunConfig, task: CausalLMTask, data: 
                "train_samples_per_s": result["train_samples_per_s"], "train_s": result["train_s"],
                "steps": result["steps"], "skipped_steps": result["skipped_steps"],
                "n_eval_tokens": result["eval"]["n_eval_tokens"],
-               "state_mib_per_device": result["state_mib_per_device"], **result["keep_best"]}
+               "state_mib_per_device": result["state_mib_per_device"],
+               "base_mib_per_device": quantize.weight_bytes(model) / 2**20, **result["keep_best"]}
     # Under --fsdp every rank hands in its shards of the adapter; rank 0 writes it whole.
     weights = gathered_weights(model, trainable_only=True) if cfg.fsdp else None
     if accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(model), tokenizer, metrics, r_dir, weights)
         if cfg.merge:
-            save_merged(model if weights is None else None, source, dtype, tokenizer, r_dir)
+            # A sharded or quantised model cannot merge in place: the base is loaded anew.
+            in_place = weights is None and not quantize.bits(cfg)
+            if quantize.bits(cfg):
+                accelerator.print(quantize.merge_note(cfg, r, source))
+            save_merged(model if in_place else None, source, quantize.merge_dtype(cfg, dtype),
+                        tokenizer, r_dir)
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # the shared accelerator drops its references to this model
     return metrics
@@ -114,12 +121,15 @@ def main(argv: list[str] | None = None) -> int:
             raise fail(f"nothing to resume in {out_dir}: no rank has a checkpoint or "
                        f"metrics.json", "drop --resume-from, or point --output-dir at the "
                        "interrupted sweep")
+        if resuming:
+            quantize.check_resume(out_dir / "config.json", cfg)
         train_examples, eval_examples, n_added = load_examples(cfg)
         template = prompt_template(cfg.prompt_template, cfg.prompt_template_no_input)
         tokenizer = load_tokenizer(cfg, train_examples)
         config = model_config(cfg, tokenizer)
         check_target_modules(config, cfg.targets, cfg.model)
         check_start(cfg, config, out_dir)
+        quantize.check_base(config, cfg)
         train_enc = encode(train_examples, template, tokenizer, cfg.max_length,
                            "the training data")
         eval_enc = encode(eval_examples, template, tokenizer, cfg.max_length, "the eval data")

@@ -33,6 +33,10 @@ def opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
 class TrainConfig:
     """Settings every training script shares: the loop, the optimiser, the run's files."""
 
+    # Settings of another script that this one refuses by name, rather than as unknown:
+    # {field name: (why not here, what to do instead)}.
+    refused: typing.ClassVar[dict[str, tuple[str, str]]] = {}
+
     config: str | None = opt(None, "JSON or YAML file of settings; flags given here override it")
     demo: bool = opt(False, "offline demo: tiny model, tokenizer trained on the fly, shipped data")
     model: str = opt("", "model name on the hub or a local directory")
@@ -243,6 +247,8 @@ def read_config_file(path: str, cls: type[C]) -> dict[str, Any]:
                    "write it as {\"lr\": 2e-5, ...}")
     known = {f.name for f in dataclasses.fields(cls)}
     values = {key.replace("-", "_"): value for key, value in values.items()}
+    for key in values.keys() & cls.refused.keys():
+        raise fail(f"config file {path} sets {key}: {cls.refused[key][0]}", cls.refused[key][1])
     unknown = sorted(set(values) - known)
     if unknown:
         raise fail(f"config file {path} has unknown settings: {', '.join(unknown)}",
@@ -276,6 +282,10 @@ def parse_config(cls: type[C], argv: list[str] | None, description: str,
     over dataclass defaults, validated."""
     parser = build_parser(cls, description)
     argv = list(sys.argv[1:] if argv is None else argv)
+    for arg in argv:
+        name = arg.split("=", 1)[0].removeprefix("--").replace("-", "_")
+        if arg.startswith("--") and name in cls.refused:
+            raise fail(f"{arg.split('=', 1)[0]}: {cls.refused[name][0]}", cls.refused[name][1])
     pre, _ = parser.parse_known_args(argv)
     file_flags = _as_flags(read_config_file(pre.config, cls)) if pre.config else []
     # Later flags win in argparse, so presets go first, then the file's settings.

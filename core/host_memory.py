@@ -1,4 +1,5 @@
-"""Training on a CPU: hand freed activation memory back to the operating system.
+"""Training on a CPU: hand freed activation memory back to the operating system, and
+read the peak resident memory the progress bar and train_log.jsonl report.
 
 A training step allocates and frees gigabytes of activations. glibc's malloc serves
 blocks below its mmap threshold from a heap it rarely shrinks, and raises that
@@ -11,6 +12,7 @@ RSS fell from ~6.4 to ~5.6 GiB with the threshold pinned at 1 MiB, at the same s
 
 import ctypes
 import ctypes.util
+import sys
 
 _M_MMAP_THRESHOLD = -3   # mallopt's parameter number in glibc's <malloc.h>
 THRESHOLD_BYTES = 1 << 20
@@ -27,3 +29,14 @@ def map_large_blocks(threshold: int = THRESHOLD_BYTES) -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError, TypeError):
         return False
+
+
+def peak_rss() -> dict[str, float]:
+    """This process's peak resident memory so far, as a log record's `peak_rss_mib`: on a
+    CPU, the most that training has held. Empty where the OS does not say (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return {}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, else KiB
+    return {"peak_rss_mib": peak / 2**20 if sys.platform == "darwin" else peak / 1024}

@@ -414,8 +414,10 @@ def _flush(pending: list[dict], log: RunLog, state: dict[str, Any], timer: Timer
         rows = torch.stack([p["figures"] for p in pending]).tolist()
     per_step = max(timer.elapsed - state["logged_s"], 1e-9) / len(pending)
     state["logged_s"] = timer.elapsed
-    peak_mem = (torch.cuda.max_memory_allocated() / 2**20
-                if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        memory = {"peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20}
+    else:  # a CPU's memory is the host's: its peak resident set
+        memory = host_memory.peak_rss()
     stopping, fault = False, None
     for p, (units, examples, real, padded, pairs, signal_, loss, grad_norm, finite,
             applied, lr) in zip(pending, rows):
@@ -434,8 +436,7 @@ def _flush(pending: list[dict], log: RunLog, state: dict[str, Any], timer: Timer
                   "padding": 1 - real / padded, "tflops": tflops, "skipped": state["skipped"]}
         if meter.peak_tflops:
             record["mfu"] = tflops / meter.peak_tflops
-        if peak_mem is not None:
-            record["peak_mem_mib"] = peak_mem
+        record.update(memory)
         log.step(record)
         if not finite and stop_at_fault:
             fault = _Fault(p["step"], loss, grad_norm)

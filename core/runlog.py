@@ -66,6 +66,8 @@ class RunLog:
             stats += f" MFU {record['mfu']:.1%}"
         if "peak_mem_mib" in record:
             stats += f"  {record['peak_mem_mib'] / 1024:.1f} GiB"
+        if "peak_rss_mib" in record:
+            stats += f"  RSS {record['peak_rss_mib'] / 1024:.1f} GiB"
         self.progress.update(self.task, completed=record["step"], stats=stats)
 
     def eval(self, record: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from core.config import TrainConfig, opt
 from core.errors import fail
 from tasks.instruct import pair_examples
 from tasks.lora_model import LLAMA_PROJECTIONS
+from tasks.quantize import check_settings
 
 DEFAULT_MODEL = "openlm-research/open_llama_3b_v2"
 
@@ -67,6 +68,12 @@ class LoraRunConfig(TrainConfig):
                                                        "comma-separated), or all-linear")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: "
                                               "less memory, about a third more time")
+    load_in_4bit: bool = opt(False, "QLoRA: hold the frozen base in 4-bit NF4 with double "
+                                    "quantisation (bitsandbytes), computing in the run's "
+                                    "precision: about 1/8 of its fp32 memory; needs "
+                                    "pip install -e '.[qlora]'")
+    load_in_8bit: bool = opt(False, "hold the frozen base in 8-bit (bitsandbytes LLM.int8): "
+                                    "about 1/4 of its fp32 memory; needs pip install -e '.[qlora]'")
     merge: bool = opt(False, "also save each base model with its adapter merged in, to r{R}/merged")
 
     EVAL_METRICS: ClassVar[tuple[str, ...]] = ("loss", "perplexity")
@@ -113,3 +120,4 @@ class LoraRunConfig(TrainConfig):
             raise fail(f"--resume-from {self.resume_from}: a sweep resumes each rank from its "
                        f"own directory", "pass --resume-from latest with the sweep's --output-dir")
         pair_examples(self.add_example)  # an empty question or answer is refused here
+        check_settings(self)  # --load-in-4bit/8bit: one of them, without --fsdp, installed

@@ -14,6 +14,7 @@ from core import run_dir
 from core.demo import bpe_tokenizer, tiny_llama_config
 from core.errors import fail
 from core.pretrained import check_max_length, load_pretrained
+from tasks import quantize
 from tasks.instruct import ALPACA_WITH_INPUT
 from tasks.lora_start import lora_config
 
@@ -80,22 +81,30 @@ def check_target_modules(config, targets: list[str], model_name: str) -> None:
 
 
 def base_dtype(accelerator, mixed_precision: str) -> torch.dtype:
-    """bf16 base weights for bf16 runs on a device that computes in bf16; LoRA weights stay fp32."""
-    if (mixed_precision == "bf16" and accelerator.device.type == "cuda"
-            and torch.cuda.is_bf16_supported()):
+    """The frozen base's dtype: on a GPU, bf16 for bf16 runs (where it computes in bf16)
+    and fp16 for fp16 runs, as autocast would round its weights to that for every matrix
+    product anyway; fp32 otherwise. LoRA weights and their optimizer state stay fp32."""
+    if accelerator.device.type != "cuda":
+        return torch.float32
+    if mixed_precision == "bf16" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
-    return torch.float32
+    return torch.float16 if mixed_precision == "fp16" else torch.float32
 
 
-def build_lora_model(source: str, r: int, cfg, dtype: torch.dtype):
-    """A fresh base model from `source` with fresh LoRA adapters of rank r; base frozen."""
+def build_lora_model(source: str, r: int, cfg, dtype: torch.dtype, device: torch.device):
+    """A fresh base model from `source` with fresh LoRA adapters of rank r; base frozen.
+    A quantised base (--load-in-4bit/8bit) is quantised as it loads onto `device`."""
     from accelerate.utils import set_seed
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     set_seed(cfg.seed)  # every rank starts from the same adapter initialisation draws
-    base = load_pretrained(AutoModelForCausalLM.from_pretrained, source, "model", dtype=dtype,
+    quantised = quantize.load_kwargs(cfg, source, device)  # {} for a floating-point base
+    base = load_pretrained(AutoModelForCausalLM.from_pretrained, source, "model",
+                           **{"dtype": dtype, **quantised},
                            attn_implementation=cfg.attn_implementation)
+    if quantised:
+        base = quantize.prepare(base, cfg)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing back-propagates into the LoRA weights even
         # though no input of a checkpointed block (the frozen embeddings) needs a gradient.

@@ -61,6 +61,8 @@ def assets(tmp_path_factory):
     files["latin1"] = str(root / "latin1.csv")
     (root / "unknown_key.yaml").write_text("lr: 1.0e-4\nlearning_rate: 3\n")
     files["unknown_key"] = str(root / "unknown_key.yaml")
+    (root / "quantised.yaml").write_text("load_in_8bit: true\n")
+    files["quantised"] = str(root / "quantised.yaml")
     (root / "not_a_model").mkdir()
     (root / "not_a_model" / "notes.txt").write_text("not a model")
     files["not_a_model"] = str(root / "not_a_model")
@@ -139,6 +141,10 @@ CASES = [
     ("zero-peak-tflops", lambda a: base(a) + ["--peak-tflops", "0"],
      "--peak-tflops must be positive"),
     ("zero-log-every", lambda a: base(a) + ["--log-every", "0"], "--log-every is out of range"),
+    ("quantised-base-to-train-cls", lambda a: base(a) + ["--load-in-4bit"],
+     "--load-in-4bit: train_cls.py trains every weight"),
+    ("quantised-base-in-a-config-file", lambda a: base(a) + ["--config", a["quantised"]],
+     "sets load_in_8bit: train_cls.py trains every weight"),
     ("flash-attention-unavailable",  # neither the flash-attn package nor a GPU here
      lambda a: base(a) + ["--attn-implementation", "flash_attention_2"],
      "needs the flash-attn package"),

@@ -19,7 +19,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "dist_worker.py"
-TIMING = {"samples_per_s", "tokens_per_s", "tflops", "mfu"}
+TIMING = {"samples_per_s", "tokens_per_s", "tflops", "mfu", "peak_rss_mib"}
 pytestmark = pytest.mark.slow
 
 

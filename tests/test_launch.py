@@ -5,7 +5,8 @@ Each script is launched the way users launch it — `torchrun --standalone
 rows the project ships. Two ranks with micro-batches of 4 see the same global batches
 as one process accumulating two micro-batches of 4 (length grouping off, so both
 orders are the plain shuffle), so logs, metrics and saved weights must agree to
-float rounding; --fsdp must too, while holding half the state per process. One
+float rounding; --fsdp must too, while holding half the state per process, and so must
+LoRA on a 4-bit base (each process quantises the same weights to the same bits). One
 sharded run is stopped by SIGTERM to the torchrun process, as a cluster scheduler
 stops a job, and resumed: it must repeat the uninterrupted run bit for bit.
 """
@@ -23,8 +24,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train_lora
+from core.errors import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = {"samples_per_s", "tokens_per_s", "tflops", "mfu"}
+TIMING = {"samples_per_s", "tokens_per_s", "tflops", "mfu", "peak_rss_mib"}
 pytestmark = pytest.mark.slow
 
 
@@ -264,32 +268,39 @@ def lora_runs(tmp_path_factory):
               "--lora-dropout", "0", "--epochs", "2", "--lr", "1e-2", "--warmup-steps", "1",
               "--max-length", "128", "--no-group-by-length", "--batch-size", "4",
               "--eval-batch-size", "4"]
-    out = {name: root / name for name in ("single", "ddp", "fsdp")}
+    out = {name: root / name for name in ("single", "ddp", "fsdp", "single-4bit", "ddp-4bit")}
     done = {"single": launch("train_lora.py", 1, *common, "--grad-accum", "2",
                              "--output-dir", str(out["single"])),
             "ddp": launch("train_lora.py", 2, *common, "--output-dir", str(out["ddp"])),
             "fsdp": launch("train_lora.py", 2, *common, "--fsdp", "--gradient-checkpointing",
-                           "--merge", "--output-dir", str(out["fsdp"]))}
+                           "--merge", "--output-dir", str(out["fsdp"])),
+            "ddp-4bit": launch("train_lora.py", 2, *common, "--load-in-4bit",
+                               "--gradient-checkpointing", "--output-dir", str(out["ddp-4bit"]))}
     for name, proc in done.items():
         assert proc.returncode == 0, proc.stderr[-3000:]
+    # Its one-process counterpart runs in this process: a launch fewer.
+    assert run_cli(train_lora.main, [*common, "--load-in-4bit", "--gradient-checkpointing",
+                                     "--grad-accum", "2", "--output-dir",
+                                     str(out["single-4bit"])]) == 0
     return out, done
 
 
-@pytest.mark.parametrize("run", ["ddp", "fsdp"])
+@pytest.mark.parametrize("run", ["ddp", "fsdp", "ddp-4bit"])
 def test_lora_two_processes_train_like_one_with_accumulation(lora_runs, run):
     out, _ = lora_runs
+    single = "single-4bit" if run.endswith("4bit") else "single"  # on the same kind of base
     assert json.loads((out[run] / "config.json").read_text())["world_size"] == 2
-    many, one = records(out[run] / "r4"), records(out["single"] / "r4")
+    many, one = records(out[run] / "r4"), records(out[single] / "r4")
     assert [r["step"] for r in many] == [r["step"] for r in one] == list(range(1, 17))
     for a, b in zip(many, one):
         assert a["units"] == b["units"]  # target tokens of the whole global batch
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    metrics = [json.loads((out[k] / "r4" / "metrics.json").read_text()) for k in (run, "single")]
+    metrics = [json.loads((out[k] / "r4" / "metrics.json").read_text()) for k in (run, single)]
     assert metrics[0]["n_eval_tokens"] == metrics[1]["n_eval_tokens"]
     assert metrics[0]["eval_loss"] == pytest.approx(metrics[1]["eval_loss"], rel=1e-5)
     got, want = (load_file(out[k] / "r4" / "adapter" / "adapter_model.safetensors")
-                 for k in (run, "single"))
+                 for k in (run, single))
     assert got.keys() == want.keys() and any("lora_B" in k for k in want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)

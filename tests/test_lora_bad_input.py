@@ -47,6 +47,10 @@ CASES = {
         lambda d: ["--resume-from", str(d)], "a sweep resumes each rank from its own directory"),
     "resume with nothing to resume": (lambda d: ["--resume-from", "latest"], "nothing to resume"),
     "fp16 on a CPU": (lambda d: ["--mixed-precision", "fp16"], "is not available here"),
+    "4-bit and 8-bit at once": (lambda d: ["--load-in-4bit", "--load-in-8bit"],
+                                "--load-in-4bit and --load-in-8bit both given"),
+    "a quantised base under --fsdp": (lambda d: ["--load-in-4bit", "--fsdp"],
+                                      "--fsdp with --load-in-4bit is not supported"),
     "eval split of a local file": (  # the demo reads a local --train-file
         lambda d: ["--eval-split", "validation"], "--eval-split names a split of --dataset"),
 }

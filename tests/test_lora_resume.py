@@ -2,7 +2,8 @@
 stopped, whether stopped by a signal or killed while saving a checkpoint.
 
 LoRA dropout, shuffling, length grouping and gradient accumulation are on; only the
-adapter weights are checkpointed, the frozen base is rebuilt from the same seed.
+adapter weights are checkpointed, the frozen base is rebuilt from the same seed (and,
+with --load-in-4bit, quantised again to the same bits).
 """
 
 import json
@@ -23,7 +24,7 @@ from tasks.instruct import CausalLMTask
 FLAGS = ["--demo", "--lora-r", "4", "8", "--max-train-samples", "96", "--batch-size", "8",
          "--grad-accum", "2", "--epochs", "1", "--lora-dropout", "0.1", "--log-every", "2",
          "--eval-batch-size", "32"]
-TIMING = {"samples_per_s", "tokens_per_s", "tflops", "mfu"}
+TIMING = {"samples_per_s", "tokens_per_s", "tflops", "mfu", "peak_rss_mib"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,9 +36,11 @@ def records(r_dir):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
-def test_interrupted_sweep_resumes_bit_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("base", [[], ["--load-in-4bit"]], ids=["fp32 base", "4-bit base"])
+def test_interrupted_sweep_resumes_bit_exact(tmp_path, monkeypatch, base):
     reference, run = tmp_path / "reference", tmp_path / "run"
-    assert run_cli(train_lora.main, FLAGS + ["--output-dir", str(reference)]) == 0
+    flags = FLAGS + base  # a 4-bit base is quantised anew, to the same bits, on resuming
+    assert run_cli(train_lora.main, flags + ["--output-dir", str(reference)]) == 0
 
     # SIGTERM during the 3rd training forward of rank r=8, the sweep's second training.
     real, seen = CausalLMTask.loss_sum, {"n": 0}
@@ -50,11 +53,11 @@ def test_interrupted_sweep_resumes_bit_exact(tmp_path, monkeypatch):
         return real(self, model, batch)
 
     monkeypatch.setattr(CausalLMTask, "loss_sum", interrupting)
-    assert run_cli(train_lora.main, FLAGS + ["--output-dir", str(run)]) == 128 + signal.SIGTERM
+    assert run_cli(train_lora.main, flags + ["--output-dir", str(run)]) == 128 + signal.SIGTERM
     monkeypatch.setattr(CausalLMTask, "loss_sum", real)
     assert (run / "r4" / "metrics.json").is_file() and not (run / "r8" / "metrics.json").exists()
 
-    assert run_cli(train_lora.main, FLAGS + ["--output-dir", str(run),
+    assert run_cli(train_lora.main, flags + ["--output-dir", str(run),
                                              "--resume-from", "latest"]) == 0
     for r in ("r4", "r8"):
         assert records(run / r) == records(reference / r)  # every loss, lr, grad norm, eval

@@ -27,7 +27,8 @@ FLAGS = ["--demo", "--max-train-samples", "120", "--max-eval-samples", "50", "--
          "--grad-accum", "2", "--epochs", "2", "--save-every", "3", "--keep-checkpoints", "2",
          "--log-every", "2", "--eval-batch-size", "50"]
 TOTAL_STEPS = 16
-TIMING = {"samples_per_s", "tokens_per_s", "tflops", "mfu"}  # wall-clock figures, the only ones allowed to differ
+# Wall-clock and memory figures, the only ones allowed to differ.
+TIMING = {"samples_per_s", "tokens_per_s", "tflops", "mfu", "peak_rss_mib"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

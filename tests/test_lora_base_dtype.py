@@ -1,0 +1,73 @@
+"""The frozen base's dtype: half precision for half-precision runs on a GPU, fp32 elsewhere;
+the LoRA weights and their AdamW state stay fp32 whatever the base.
+
+fp16 runs exist only on GPUs (a CPU refuses --mixed-precision fp16), so the decision is
+tested directly, and the training path of an fp16 base under fp16 autocast and a gradient
+scaler is run on a CPU made to autocast as a GPU would (conftest's cpu_amp).
+"""
+
+import types
+
+import pytest
+import torch
+
+import train_lora
+from tasks import quantize
+from tasks.lora_config import LoraRunConfig
+from tasks.lora_model import base_dtype
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("device,precision,bf16_gpu,want", [
+    ("cuda", "fp16", False, torch.float16),   # a T4 or V100
+    ("cuda", "fp16", True, torch.float16),
+    ("cuda", "bf16", True, torch.bfloat16),
+    ("cuda", "no", True, torch.float32),
+    ("cpu", "bf16", True, torch.float32),
+    ("cpu", "fp16", True, torch.float32),     # refused before this, by make_accelerator
+])
+def test_half_precision_runs_on_a_gpu_keep_the_base_in_that_precision(device, precision,
+                                                                      bf16_gpu, want,
+                                                                      monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
+    accelerator = types.SimpleNamespace(device=torch.device(device))
+    assert base_dtype(accelerator, precision) == want
+
+
+@pytest.mark.parametrize("flags,precision,base,want", [
+    ({}, "bf16", torch.bfloat16, torch.bfloat16),   # merged in place, in the base's dtype
+    ({"load_in_4bit": True}, "no", torch.float32, torch.bfloat16),
+    ({"load_in_8bit": True}, "bf16", torch.float32, torch.bfloat16),
+    ({"load_in_4bit": True}, "fp16", torch.float32, torch.float16),
+])
+def test_merge_loads_a_quantised_base_in_half_precision(flags, precision, base, want):
+    cfg = LoraRunConfig(demo=True, mixed_precision=precision, **flags)
+    assert quantize.merge_dtype(cfg, base) == want
+
+
+def test_an_fp16_base_trains_fp32_adapters_with_fp32_optimizer_state(cpu_amp, monkeypatch,
+                                                                     tmp_path):
+    cpu_amp(train_lora, "fp16", init_scale=2.0 ** 10)
+    monkeypatch.setattr(train_lora, "base_dtype", lambda accelerator, precision:
+                        torch.float16 if precision == "fp16" else torch.float32)  # a GPU's choice
+    caught, real_train = {}, train_lora.train
+
+    def catching(model, *args, **kwargs):
+        caught["model"] = model
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_lora, "train", catching)
+    out = tmp_path / "run"
+    assert train_lora.main(["--demo", "--lora-r", "4", "--max-train-samples", "64",
+                            "--max-steps", "3", "--batch-size", "8", "--max-length", "128",
+                            "--mixed-precision", "fp16", "--output-dir", str(out)]) == 0
+    params = dict(caught["model"].named_parameters())
+    assert {p.dtype for n, p in params.items() if "lora_" not in n} == {torch.float16}
+    assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
+    optimizer = torch.load(out / "r4" / "checkpoints" / "step-000003" / "optimizer.pt",
+                           weights_only=True)
+    moments = [t for s in optimizer["state"].values() for k, t in s.items() if k != "step"]
+    assert moments and {t.dtype for t in moments} == {torch.float32}
+    metrics = (out / "r4" / "metrics.json").read_text()
+    assert '"skipped_steps": 0' in metrics and "NaN" not in metrics
