@@ -102,7 +102,8 @@ def build_lora_model(source: str, r: int, cfg, dtype: torch.dtype):
         base.config.use_cache = False
     targets = "all-linear" if cfg.targets == ["all-linear"] else cfg.targets
     lora = LoraConfig(r=r, lora_alpha=cfg.alpha(r), lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, use_rslora=cfg.rslora, task_type="CAUSAL_LM")
+                      target_modules=targets, use_rslora=cfg.rslora, use_dora=cfg.use_dora,
+                      task_type="CAUSAL_LM")
     # peft keeps adapter weights in fp32 over a bf16 base (autocast_adapter_dtype).
     return get_peft_model(base, lora)
 
