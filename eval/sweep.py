@@ -47,8 +47,9 @@ def write_sweep(out_dir: Path, results: list[dict]) -> None:
            f"{math.exp(min(before, 700)):.2f})."
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    (out_dir / "sweep.md").write_text("\n".join(["# LoRA rank sweep", "", *lines, "", note]) + "\n")
-    table = Table(title="LoRA rank sweep", caption=note)
+    title = "LoRA rank sweep" + (" (DoRA)" if results[0].get("use_dora") else "")
+    (out_dir / "sweep.md").write_text("\n".join([f"# {title}", "", *lines, "", note]) + "\n")
+    table = Table(title=title, caption=note)
     for name in header:
         table.add_column(name, justify="right")
     for row in rows:

@@ -6,6 +6,7 @@ The flags of `python train_lora.py --help` are generated from these fields
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import ClassVar
 
 from core.config import TrainConfig, opt
@@ -25,8 +26,9 @@ class LoraRunConfig(TrainConfig):
     eval_split: str | None = opt(None, "split of --dataset to evaluate on "
                                        "(default: hold out --eval-fraction of the training rows)")
     output_dir: str | None = opt(None, "where the run writes its files (default: runs/lora-TIME)")
-    max_length: int = opt(512, "longest row in tokens: a longer prompt loses its middle; a row "
-                               "whose response alone does not fit is dropped")
+    max_length: int = opt(512, "longest row in tokens: a longer prompt loses its middle (a "
+                               "conversation its earliest turns); a row whose response (last "
+                               "exchange) alone does not fit is dropped")
     lr: float = opt(2e-4, "peak learning rate (LoRA's few weights take a higher one than full "
                           "fine-tuning)")
     batch_size: int = opt(8, "examples per micro-batch on each device")
@@ -55,6 +57,26 @@ class LoraRunConfig(TrainConfig):
                                        action="append", nargs=2, type=str,
                                        metavar=("QUESTION", "ANSWER"))
     extra_examples: str | None = opt(None, "file of extra training rows, same columns as the data")
+
+    # Conversations, what is trained, samples (issue 12); DoRA.
+    messages_column: str | None = opt(None, "column of conversations, lists of {role, content} "
+                                            "messages (default: 'messages' when the data has "
+                                            "it); 'none' reads instruction rows instead")
+    chat_template: str | None = opt(None, "for conversations: 'chatml' (shipped with rawtune) or "
+                                          "a Jinja file (default: the tokenizer's own; ChatML "
+                                          "with --demo)")
+    preview: bool = opt(False, "print the first training row with its trained tokens marked "
+                               "(every run writes the first few to preview.txt)")
+    sample_prompt: list[str] = opt([], "a prompt answered by the base model and after each r, "
+                                       "into samples.md (repeatable; --add-example questions "
+                                       "are added)", action="append", nargs=None)
+    sample_prompts: str | None = opt(None, "file of prompts, one per line, answered likewise")
+    sample_max_new_tokens: int = opt(64, "most tokens in a sample answer")
+    sample_temperature: float = opt(0.0, "0 answers samples greedily; above 0 samples at this "
+                                         "temperature, seeded with --seed")
+    use_dora: bool = opt(False, "DoRA (weight-decomposed LoRA, through peft): each adapted "
+                                "weight's magnitude is trained apart from its direction, which "
+                                "LoRA updates; slower steps")
 
     slow_tokenizer: bool | None = opt(None, "load the sentencepiece tokenizer from tokenizer.model "
                                             "instead of the fast one (default: on for models named "
@@ -121,3 +143,11 @@ class LoraRunConfig(TrainConfig):
                        f"own directory", "pass --resume-from latest with the sweep's --output-dir")
         pair_examples(self.add_example)  # an empty question or answer is refused here
         check_settings(self)  # --load-in-4bit/8bit: one of them, without --fsdp, installed
+        if any(not prompt.strip() for prompt in self.sample_prompt):
+            raise fail("a --sample-prompt is empty", "give each prompt some text")
+        if self.sample_prompts and not Path(self.sample_prompts).is_file():
+            raise fail(f"--sample-prompts file not found: {self.sample_prompts}",
+                       "check the path (one prompt per line)")
+        if self.sample_max_new_tokens < 1 or self.sample_temperature < 0:
+            raise fail("--sample-max-new-tokens must be positive and --sample-temperature not "
+                       "negative", "pass e.g. --sample-max-new-tokens 64 --sample-temperature 0")

@@ -17,7 +17,8 @@ def lora_config(r: int, cfg):
     from peft import LoraConfig
     targets = "all-linear" if cfg.targets == ["all-linear"] else cfg.targets
     return LoraConfig(r=r, lora_alpha=cfg.alpha(r), lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, use_rslora=cfg.rslora, task_type="CAUSAL_LM")
+                      target_modules=targets, use_rslora=cfg.rslora, use_dora=cfg.use_dora,
+                      task_type="CAUSAL_LM")
 
 
 def check_start(cfg, config, out_dir: Path) -> None:

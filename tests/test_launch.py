@@ -267,7 +267,8 @@ def lora_runs(tmp_path_factory):
               "--eval-file", write_rows(root / "eval.jsonl", evaluation), "--lora-r", "4",
               "--lora-dropout", "0", "--epochs", "2", "--lr", "1e-2", "--warmup-steps", "1",
               "--max-length", "128", "--no-group-by-length", "--batch-size", "4",
-              "--eval-batch-size", "4"]
+              "--eval-batch-size", "4", "--sample-prompt", "Name a colour.",
+              "--sample-max-new-tokens", "8"]
     out = {name: root / name for name in ("single", "ddp", "fsdp", "single-4bit", "ddp-4bit")}
     done = {"single": launch("train_lora.py", 1, *common, "--grad-accum", "2",
                              "--output-dir", str(out["single"])),
@@ -318,6 +319,18 @@ def test_lora_fsdp_adapter_and_merge_load_as_usual(lora_runs):
     merged = load_file(out["fsdp"] / "r4" / "merged" / "model.safetensors")
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(merged[name], tensor)
+
+
+@pytest.mark.parametrize("run", ["ddp", "fsdp"])
+def test_lora_samples_come_from_rank_zero_without_a_deadlock(lora_runs, run):
+    """Rank 0 alone answers (under --fsdp through the saved adapter on a fresh base); the
+    runs finished, so no rank waited forever in a collective."""
+    out, done = lora_runs
+    assert "| Name a colour. |" in (out[run] / "samples.md").read_text()
+    assert done[run].stdout.count("Samples") == 1  # one table, from rank 0
+    for name in ("samples_base.json", "r4/samples.json"):
+        answers = json.loads((out[run] / name).read_text())["answers"]
+        assert len(answers) == 1 and isinstance(answers[0], str)
 
 
 def test_accelerate_launch_starts_one_run_of_two_processes(tmp_path):

@@ -8,10 +8,13 @@ import train_lora
 from core.errors import run_cli
 
 GOOD = {"instruction": "Name a colour.", "input": "", "output": "Teal"}
+CHAT = {"messages": [{"role": "user", "content": "Name a colour."},
+                     {"role": "assistant", "content": "Teal"}]}
 
 
 def write_rows(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    """Rows as JSON lines; strings as lines of text."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return str(path)
 
 
@@ -53,6 +56,41 @@ CASES = {
                                       "--fsdp with --load-in-4bit is not supported"),
     "eval split of a local file": (  # the demo reads a local --train-file
         lambda d: ["--eval-split", "validation"], "--eval-split names a split of --dataset"),
+    "messages cell not a list": (
+        lambda d: ["--train-file", write_rows(d / "m1.jsonl", [{"messages": "Hi there"}] * 20)],
+        "row 0 of the training data has a str in column 'messages', not a list of role/content"),
+    "unknown role": (
+        lambda d: ["--train-file", write_rows(d / "m2.jsonl", [CHAT] * 19 + [{"messages": [
+            {"role": "robot", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}])],
+        "row 19 of the training data: message 0 has the unknown role 'robot'"),
+    "conversation without an assistant turn": (
+        lambda d: ["--train-file", write_rows(d / "m3.jsonl", [CHAT] * 19 + [{"messages": [
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}])],
+        "row 19 of the training data has no assistant turn"),
+    "messages beside instruction columns": (
+        lambda d: ["--train-file", write_rows(d / "m4.jsonl", [{**GOOD, **CHAT}] * 20)],
+        "has a 'messages' column and instruction columns (instruction, input, output)"),
+    "named messages column absent": (
+        lambda d: ["--train-file", write_rows(d / "m5.jsonl", [CHAT] * 20),
+                   "--messages-column", "turns"], "column 'turns' not found"),
+    "chat template without an end-of-turn token": (
+        lambda d: ["--train-file", write_rows(d / "m6.jsonl", [CHAT] * 20), "--chat-template",
+                   write_rows(d / "t.jinja", ["{% for m in messages %}{{ m['role'] }}: "
+                                              "{{ m['content'] }}\n\n{% endfor %}"])],
+        "not with a special token of the tokenizer"),
+    "missing chat template file": (
+        lambda d: ["--train-file", write_rows(d / "m7.jsonl", [CHAT] * 20), "--chat-template",
+                   str(d / "none.jinja")], "cannot read --chat-template"),
+    "chat template for instruction rows": (
+        lambda d: ["--chat-template", "chatml"], "--chat-template renders conversations"),
+    "prompt template for conversations": (
+        lambda d: ["--train-file", write_rows(d / "m8.jsonl", [CHAT] * 20), "--prompt-template",
+                   "Q: {instruction} {input}\\nA:"], "--prompt-template renders instruction rows"),
+    "empty sample prompt": (lambda d: ["--sample-prompt", " "], "a --sample-prompt is empty"),
+    "missing sample prompts file": (
+        lambda d: ["--sample-prompts", str(d / "none.txt")], "--sample-prompts file not found"),
+    "sample prompts file without prompts": (
+        lambda d: ["--sample-prompts", write_rows(d / "p.txt", ["", " "])], "holds no prompt"),
 }
 
 

@@ -5,12 +5,14 @@ import json
 import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, SentencePieceBackend
 
 import train_lora
 from core.collate import pad_batch
 from core.demo import data_file, sentencepiece_tokenizer_dir, tiny_llama_config
 from core.errors import run_cli
+from eval import generate
 
 RANKS = (2, 4)
 
@@ -101,6 +103,26 @@ def test_adapter_loads_and_agrees_with_the_merged_model(sweep, model_dir):
     assert not torch.allclose(plain, expected)  # the adapter did learn something
 
 
+def test_samples_answer_the_added_examples_before_and_after(sweep):
+    samples = (sweep / "samples.md").read_text()
+    assert "| prompt | base | r=2 | r=4 |" in samples
+    assert "| Who keeps the lighthouse? (added: Mara) |" in samples
+    assert "| What colour is the door? (added: Teal) |" in samples
+    for path in (sweep / "samples_base.json", sweep / "r2" / "samples.json"):
+        assert json.loads(path.read_text())["prompts"] == ["Who keeps the lighthouse?",
+                                                           "What colour is the door?"]
+
+
+def test_generate_asks_the_adapter_as_the_run_did(sweep, capsys):
+    """The run's Alpaca template, its sentencepiece tokenizer and its --model base, from
+    config.json: greedy, the CLI gives the answer samples.json holds."""
+    expected = json.loads((sweep / "r4" / "samples.json").read_text())["answers"][0]
+    capsys.readouterr()
+    assert generate.main(["--adapter", str(sweep / "r4" / "adapter"), "--max-new-tokens", "64",
+                          "Who keeps the lighthouse?"]) == 0
+    assert capsys.readouterr().out.strip() == expected
+
+
 def test_refuses_to_overwrite_the_sweep(sweep, model_dir, capsys):
     before = (sweep / "sweep.json").stat().st_mtime_ns
     argv = ["--model", str(model_dir), "--train-file", data_file("qa.jsonl"),
@@ -122,6 +144,21 @@ def test_demo_adapters_load_onto_the_saved_tiny_base(tmp_path):
     assert model.peft_config["default"].r == 2
 
 
+def test_dora_trains_and_saves_its_magnitudes(tmp_path):
+    out = tmp_path / "dora"
+    assert train_lora.main(["--demo", "--use-dora", "--lora-r", "2", "--max-steps", "2",
+                            "--max-train-samples", "40", "--no-preview", "--output-dir",
+                            str(out)]) == 0
+    assert json.loads((out / "r2" / "adapter" / "adapter_config.json").read_text())["use_dora"]
+    weights = load_file(out / "r2" / "adapter" / "adapter_model.safetensors")
+    assert any("lora_magnitude_vector" in name for name in weights)
+    assert max(w.abs().max().item() for n, w in weights.items() if "lora_B" in n) > 0  # trained
+    assert json.loads((out / "r2" / "metrics.json").read_text())["use_dora"] is True
+    assert (out / "sweep.md").read_text().startswith("# LoRA rank sweep (DoRA)")
+    model = AutoPeftModelForCausalLM.from_pretrained(out / "r2" / "adapter")
+    assert model.peft_config["default"].use_dora
+
+
 def test_every_rank_of_a_sweep_starts_from_the_same_loss_scale(tmp_path, cpu_amp, monkeypatch):
     """Issue #16, item 5: the sweep's one Accelerator kept its fp16 GradScaler across ranks,
     so a later rank started from the scale the previous one had reached."""
@@ -138,7 +175,8 @@ def test_every_rank_of_a_sweep_starts_from_the_same_loss_scale(tmp_path, cpu_amp
     monkeypatch.setattr(train_lora, "train", train)
     assert train_lora.main(["--demo", "--lora-r", "2", "4", "--max-steps", "3",
                             "--max-train-samples", "64", "--mixed-precision", "fp16",
-                            "--output-dir", str(tmp_path / "out")]) == 0
+                            "--sample-max-new-tokens", "1", "--output-dir",
+                            str(tmp_path / "out")]) == 0
     first_start, first_end, second_start, second_end = scales
     assert first_end != first_start  # training moved the scale: the test can tell
     assert second_start == first_start == 2.0 and second_end == first_end

@@ -1,6 +1,6 @@
 """Build the small synthetic data sets shipped with rawtune.
 
-Running ``python core/demo_data/build.py`` writes three JSONL files next to
+Running ``python core/demo_data/build.py`` writes four JSONL files next to
 this script:
 
 * ``sentiment.jsonl``      - 1,200 short movie reviews, ``{"text", "label"}``
@@ -10,6 +10,9 @@ this script:
   benchmark padding waste.
 * ``qa.jsonl``             - 400 ``{"instruction", "input", "output"}`` rows
   from a few simple, deterministic task families, for the LoRA demo.
+* ``chat.jsonl``           - 300 ``{"messages"}`` conversations of one to three
+  exchanges on the same task families, some with a system prompt, some with a
+  follow-up question that needs the turn before it, for the chat demo.
 
 Everything is composed from the phrase pools below, written for this project,
 so the data is small, licence-clean and needs no download. The generator uses
@@ -373,6 +376,47 @@ def qa_rows(rng, n):
     return rows
 
 
+SYSTEM_PROMPTS = [
+    "You are a concise assistant.",
+    "Answer in as few words as possible.",
+    "You help with small word and number puzzles.",
+]
+
+
+def question(instruction, input_text):
+    """A task as a user would type it: the instruction, then its input."""
+    return f"{instruction}\n\n{input_text}" if input_text else instruction
+
+
+def exchanges(rng, n):
+    """n (question, answer) pairs; after a capital, sometimes a follow-up
+    ("And of X?") that only makes sense with the turn before it."""
+    pairs, last_task = [], None
+    for _ in range(n):
+        if last_task is task_capital and rng.random() < 0.5:
+            country = rng.choice(sorted(CAPITALS))
+            pairs.append((f"And of {country}?", CAPITALS[country]))
+            continue
+        last_task = rng.choice(NO_INPUT_TASKS + INPUT_TASKS)
+        instruction, input_text, output = last_task(rng)
+        pairs.append((question(instruction, input_text), output))
+    return pairs
+
+
+def chat_rows(rng, n):
+    """Conversations of 1-3 exchanges; about a third open with a system prompt."""
+    rows = []
+    for _ in range(n):
+        messages = []
+        if rng.random() < 0.35:
+            messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+        for user, assistant in exchanges(rng, rng.randint(1, 3)):
+            messages += [{"role": "user", "content": user},
+                         {"role": "assistant", "content": assistant}]
+        rows.append({"messages": messages})
+    return rows
+
+
 # --------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------
@@ -389,6 +433,7 @@ def main():
     write_jsonl("sentiment_long.jsonl",
                 sentiment_rows(random.Random(5678), 600, long_review))
     write_jsonl("qa.jsonl", qa_rows(random.Random(91011), 400))
+    write_jsonl("chat.jsonl", chat_rows(random.Random(121314), 300))
 
 
 if __name__ == "__main__":
