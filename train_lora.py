@@ -51,9 +51,10 @@ SWEEP_FILES = ["config.json", "base_model", "loss_vs_r.png", "sweep.md", "sweep.
                "preview.txt", "samples.md", BASE_FILE]
 
 # --demo: the shipped instruction set, a tiny Llama and a BPE tokenizer trained on
-# the rows; the full sweep. A --config file and flags still win. The tiny base is
-# untrained, and its frozen output layer alone would cap how sharp its predictions
-# can get, so the demo adapts lm_head as well as the projections.
+# the rows; the full sweep, the preview of the first row, and two questions answered
+# before and after. A --config file and flags still win. The tiny base is untrained,
+# and its frozen output layer alone would cap how sharp its predictions can get, so
+# the demo adapts lm_head as well as the projections.
 DEMO_FLAGS = ["--train-file", data_file("qa.jsonl"), "--lora-r", "4", "8", "16", "32",
               "--target-modules", *LLAMA_PROJECTIONS, "lm_head", "--eval-fraction", "0.1",
               "--epochs", "2", "--lr", "5e-3", "--warmup-ratio", "0.05", "--batch-size", "16",
@@ -106,16 +107,18 @@ def run_rank(r: int, source: str, cfg: LoraRunConfig, task: CausalLMTask, data: 
     weights = gathered_weights(model, trainable_only=True) if cfg.fsdp else None
     if accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(model), tokenizer, metrics, r_dir, weights)
-        if cfg.merge:
+        if sampler.prompts:  # a sharded model answers through its saved adapter, on a fresh base
+            sampler(model if weights is None else load_adapted(
+                source, r_dir / "adapter", dtype).to(accelerator.device), r_dir / "samples.json")
+        if cfg.merge:  # last: merging folds the adapter into the base for good
             # A sharded or quantised model cannot merge in place: the base is loaded anew.
             in_place = weights is None and not quantize.bits(cfg)
             if quantize.bits(cfg):
                 accelerator.print(quantize.merge_note(cfg, r, source))
             save_merged(model if in_place else None, source, quantize.merge_dtype(cfg, dtype),
                         tokenizer, r_dir)
-        if sampler.prompts:  # a sharded model answers through its saved adapter, on a fresh base
-            sampler(model if weights is None else load_adapted(
-                source, r_dir / "adapter", dtype).to(accelerator.device), r_dir / "samples.json")
+        if cfg.merge:  # last: merging folds the adapter into the base for good
+            save_merged(model if weights is None else None, source, dtype, tokenizer, r_dir)
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # the shared accelerator drops its references to this model
     return metrics

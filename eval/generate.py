@@ -194,6 +194,7 @@ def base_of(adapter: Path, config: dict | None) -> str:
 
 
 def chat_loop(model, fmt, cfg: GenerateConfig) -> None:
+    """Turn after turn from the terminal, each answer rendered after the whole history."""
     history: list[dict] = []
     note = "" if fmt.kind == "chat" else " (this run's template holds one turn: each " \
                                          "question is answered on its own)"

@@ -72,7 +72,7 @@ class LoraRunConfig(TrainConfig):
                                        "are added)", action="append", nargs=None)
     sample_prompts: str | None = opt(None, "file of prompts, one per line, answered likewise")
     sample_max_new_tokens: int = opt(64, "most tokens in a sample answer")
-    sample_temperature: float = opt(0.0, "0 answers samples greedily; above 0 samples at this "
+    sample_temperature: float = opt(0.0, "0: greedy sample answers; above 0: sampled at this "
                                          "temperature, seeded with --seed")
     use_dora: bool = opt(False, "DoRA (weight-decomposed LoRA, through peft): each adapted "
                                 "weight's magnitude is trained apart from its direction, which "
