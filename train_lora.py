@@ -117,8 +117,6 @@ def run_rank(r: int, source: str, cfg: LoraRunConfig, task: CausalLMTask, data: 
                 accelerator.print(quantize.merge_note(cfg, r, source))
             save_merged(model if in_place else None, source, quantize.merge_dtype(cfg, dtype),
                         tokenizer, r_dir)
-        if cfg.merge:  # last: merging folds the adapter into the base for good
-            save_merged(model if weights is None else None, source, dtype, tokenizer, r_dir)
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # the shared accelerator drops its references to this model
     return metrics
