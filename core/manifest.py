@@ -5,7 +5,8 @@ was complete when it was written, and its hashes say whether each still is: a co
 short, a disk fault, a file emptied or deleted since. `problem` checks a directory
 against it and says, in a few words, what is wrong.
 
-Hashing reads every byte (about 1 GB/s on one core: README, "What a run writes").
+Hashing reads every byte, about 1 GB/s on an idle core (docs/benchmarks.md, "Verifying
+a checkpoint": cheap enough for every resume).
 A directory verified once in a process is not hashed again while none of its files
 has changed size or modification time: a resume verifies its checkpoint before the
 model is built and again when it loads it.

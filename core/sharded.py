@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from core import durable
 
-# What a DCP metadata file may name: its own record classes, tensor sizes, dtypes and
+# What a DCP metadata file names: its own record classes, tensor sizes, dtypes and
 # layouts, and the path it was saved to. Constructing any of them runs no user code.
 _METADATA_CLASSES = {
     "torch.distributed.checkpoint.metadata": {
@@ -32,8 +32,7 @@ _METADATA_CLASSES = {
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
-    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
-    "collections": {"OrderedDict"},
+    "pathlib": {"PosixPath", "WindowsPath"},
 }
 
 
