@@ -22,10 +22,23 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct, a real pretrained chat LM: ../shared holds only its recipe,
+    which builds it (~25 s) into a cache outside the checkout and ../shared, once per
+    machine (bench/shared_models.py); skipped where ../shared is absent."""
+    from bench.shared_models import built_model
+    shared_path("models", "smollm2-135m-instruct", "make.py")
+    return built_model("smollm2-135m-instruct", SHARED)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
-    """One torch thread for modules of tiny models: they gain nothing from a second one,
-    and on a busy 2-core machine competing OpenMP threads make them many times slower."""
+    """One torch thread for modules of tiny models, which gain nothing from a second one,
+    and for the real LM tests: on a busy 2-core machine (CI shares this one) competing
+    OpenMP threads make them many times slower (SmolLM2 training: 6 tokens/s with two
+    threads, 25 with one, at a load of 10), far more than a second thread can win (2x)
+    when the machine is idle."""
     import torch
     before = torch.get_num_threads()
     torch.set_num_threads(1)
