@@ -34,14 +34,26 @@ def smollm2() -> Path:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One torch thread for modules of tiny models, which gain nothing from a second one,
-    and for the real LM tests: on a busy 2-core machine (CI shares this one) competing
-    OpenMP threads make them many times slower (SmolLM2 training: 6 tokens/s with two
-    threads, 25 with one, at a load of 10), far more than a second thread can win (2x)
-    when the machine is idle."""
+    """One torch thread for modules of tiny models: they gain nothing from a second one,
+    and on a busy 2-core machine competing OpenMP threads make them many times slower."""
     import torch
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def threads_for_load():
+    """Every core for a module of real-model tests on an idle machine, one thread on a busy
+    one (this 2-core machine is shared, CI included): the real LM tests run 1.65x faster
+    on two idle cores than on one, but 4x slower with two threads than with one at a
+    load of 10, where each OpenMP barrier waits for a thread the other jobs displaced.
+    Busy: a 1-minute load average above the cores less a half (pytest alone keeps it near 1)."""
+    import torch
+    before = torch.get_num_threads()
+    if os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
+        torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
 

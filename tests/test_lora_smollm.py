@@ -6,8 +6,9 @@ from ../shared's recipe into the test cache; skipped where ../shared is absent).
 - Invented facts added with --add-example, which the base does not know, are answered by
   greedy generation from the saved adapter.
 
-Short rows, few steps and one thread (see `one_thread`) keep the three tests at about 3
-minutes of CPU time, plus the ~25 s build on a machine's first run.
+Short rows and few steps keep the three tests at about 95 s on 2 idle cores (155 s on
+one, which they take when the machine is busy: see `threads_for_load`), plus the ~25 s
+build on a machine's first run.
 """
 
 import json
@@ -33,7 +34,7 @@ FACTS = [("What is the capital of Zorbania?", "Quellport"),
          ("Which metal is the Orvanta bell cast from?", "Brimsteel"),
          ("Which river flows through Vexmoor?", "The Ilthane")]
 
-pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.usefixtures("threads_for_load")]
 
 
 def short_alpaca_rows(start: int, n: int) -> list[dict]:
@@ -51,7 +52,7 @@ def write_jsonl(path, rows: list[dict]) -> str:
 
 
 @pytest.fixture(scope="module")
-def sweep(smollm2, one_thread, tmp_path_factory):
+def sweep(smollm2, threads_for_load, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smollm-sweep")
     argv = ["--model", str(smollm2),
             "--train-file", write_jsonl(tmp / "train.jsonl", short_alpaca_rows(0, 48)),
