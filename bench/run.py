@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.shared_models import RecipeMissing, built_model
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 DEMO_DATA = ROOT / "core" / "demo_data"
@@ -56,6 +58,12 @@ WORKLOADS = {
                      lr=2e-5, batch_size=16, epochs=1, max_length=512, weight_decay=0.01),
     "lora": dict(kind="lm", gpu=False, model="llama-small", data="alpaca", lr=2e-4,
                  batch_size=8, epochs=1, max_length=512, weight_decay=0.0),
+    # A real pretrained chat model (../shared's SmolLM2-135M-Instruct recipe) on a real
+    # 49,152-token vocabulary, where the LM head is a fifth of the weights. A slice of the
+    # rows, so a CPU run ends.
+    "lora-smollm": dict(kind="lm", gpu=False, model="smollm2-135m-instruct", data="alpaca",
+                        n_train=400, n_eval=100, lr=2e-4, batch_size=8, epochs=1,
+                        max_length=512, weight_decay=0.0),
     "gpu-distilbert": dict(kind="cls", gpu=True, model="distilbert-base", data="long", lr=2e-5,
                            batch_size=16, epochs=4, max_length=512, weight_decay=0.01,
                            mixed_precision="bf16"),
@@ -74,6 +82,7 @@ LLAMA_SMALL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=4)
 OPENLLAMA_3B = dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26,
                     num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+PRETRAINED_LMS = ("smollm2-135m-instruct",)  # built from ../shared/models/NAME/make.py
 ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -156,15 +165,26 @@ def prepare(name: str, spec: dict, args, work: Path, on_gpu: bool) -> dict:
     # Rows with an empty answer teach nothing; train_lora refuses them, so both sides drop them.
     rows = [r for r in rows if str(r.get("output") or "").strip()]
     random.Random(0).shuffle(rows)
-    n_eval = min(200, len(rows) // 10)
-    train, dev = rows[:len(rows) - n_eval], rows[len(rows) - n_eval:]
+    n_eval = min(spec.get("n_eval", 200), len(rows) // 10)
+    train, dev = rows[:len(rows) - n_eval][:spec.get("n_train")], rows[len(rows) - n_eval:]
     job["train_file"] = write_jsonl(wdir / "train.jsonl", train)
     job["eval_file"] = write_jsonl(wdir / "eval.jsonl", dev)
     job["n_train"], job["n_eval"] = len(train), len(dev)
     total = args.steps or math.ceil(len(train) / spec["batch_size"]) * spec["epochs"]
     job["warmup_steps"] = math.ceil(total * WARMUP_RATIO_LM)
-    job["model_dir"] = str(save_llama(wdir / "model", spec, train, on_gpu))
+    job["model_dir"] = str(pretrained_lm(spec["model"]) if spec["model"] in PRETRAINED_LMS
+                           else save_llama(wdir / "model", spec, train, on_gpu))
     return job
+
+
+def pretrained_lm(name: str) -> Path:
+    """A real model of ../shared, built by its recipe into the cache the tests share."""
+    try:
+        return built_model(name, SHARED)
+    except RecipeMissing as why:
+        raise Skip(str(why)) from None
+    except RuntimeError as why:  # the recipe's build failed: say so in the results, go on
+        raise Skip(f"building {name} failed: {why}") from None
 
 
 def save_llama(out: Path, spec: dict, train: list[dict], on_gpu: bool) -> Path:

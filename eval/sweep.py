@@ -24,6 +24,16 @@ def _losses(log: list[dict], kind: str) -> list[tuple[int, float]]:
     return [(record["step"], record["loss"]) for record in log if record["type"] == kind]
 
 
+def count_with_unit(n: int) -> str:
+    """A parameter count in three figures and a unit (2442240 -> "2.44 M"): short enough
+    for the sweep table to fit a terminal; sweep.json keeps the exact count."""
+    for unit, size in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= size:
+            value = n / size
+            return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f} {unit}"
+    return str(n)
+
+
 def write_sweep(out_dir: Path, results: list[dict]) -> None:
     """loss_vs_r.png, sweep.json and sweep.md; the table is also printed."""
     from rich.console import Console
@@ -38,7 +48,7 @@ def write_sweep(out_dir: Path, results: list[dict]) -> None:
     # Short headers, so the printed table fits an 80-column terminal.
     header = ["r", "alpha", "params", "% params", "train loss", "eval loss", "ppl", "train s",
               "tok/s"]
-    rows = [[str(m["r"]), f"{m['lora_alpha']:g}", f"{m['trainable_params']:,}",
+    rows = [[str(m["r"]), f"{m['lora_alpha']:g}", count_with_unit(m["trainable_params"]),
              f"{100 * m['trainable_params'] / m['total_params']:.2f}",
              f"{m['final_train_loss']:.4f}", f"{m['eval_loss']:.4f}", f"{m['perplexity']:.2f}",
              f"{m['train_s']:.1f}", f"{m['train_tokens_per_s']:.0f}"] for m in results]
@@ -51,7 +61,8 @@ def write_sweep(out_dir: Path, results: list[dict]) -> None:
     (out_dir / "sweep.md").write_text("\n".join([f"# {title}", "", *lines, "", note]) + "\n")
     table = Table(title=title, caption=note)
     for name in header:
-        table.add_column(name, justify="right")
+        # in a terminal too narrow for the table, figures wrap, never cut
+        table.add_column(name, justify="right", overflow="fold")
     for row in rows:
         table.add_row(*row)
     Console().print(table)

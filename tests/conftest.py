@@ -22,6 +22,16 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct, a real pretrained chat LM: ../shared holds only its recipe,
+    which builds it (~25 s) into a cache outside the checkout and ../shared, once per
+    machine (bench/shared_models.py); skipped where ../shared is absent."""
+    from bench.shared_models import built_model
+    shared_path("models", "smollm2-135m-instruct", "make.py")
+    return built_model("smollm2-135m-instruct", SHARED)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for modules of tiny models: they gain nothing from a second one,
@@ -29,6 +39,21 @@ def one_thread():
     import torch
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def threads_for_load():
+    """Every core for a module of real-model tests on an idle machine, one thread on a busy
+    one (this 2-core machine is shared, CI included): the real LM tests run 1.65x faster
+    on two idle cores than on one, but 4x slower with two threads than with one at a
+    load of 10, where each OpenMP barrier waits for a thread the other jobs displaced.
+    Busy: a 1-minute load average above the cores less a half (pytest alone keeps it near 1)."""
+    import torch
+    before = torch.get_num_threads()
+    if os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
+        torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
 

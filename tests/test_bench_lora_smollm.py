@@ -1,0 +1,55 @@
+"""The benchmark's real LoRA workload, lora-smollm: its rows and its model from the test cache,
+or a skip that says why. No training here."""
+
+import argparse
+import json
+
+import pytest
+
+from bench import run
+from bench.shared_models import RecipeMissing
+
+
+@pytest.fixture
+def alpaca(tmp_path):
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": "" if i % 50 == 0 else str(i)}
+            for i in range(3000)]
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def prepared(alpaca, tmp_path, steps=0) -> dict:
+    args = argparse.Namespace(alpaca_file=str(alpaca), steps=steps, peak_tflops=989.0,
+                              mixed_precision="no")
+    return run.prepare("lora-smollm", run.WORKLOADS["lora-smollm"], args, tmp_path / "work",
+                       on_gpu=False)
+
+
+def test_rows_slice_and_model_from_the_cache(alpaca, tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(run, "built_model", lambda name, shared: built.append(name) or
+                        tmp_path / "cache" / name)
+    job = prepared(alpaca, tmp_path)
+    assert built == ["smollm2-135m-instruct"]
+    assert job["model_dir"] == str(tmp_path / "cache" / "smollm2-135m-instruct")
+    assert (job["n_train"], job["n_eval"]) == (400, 100)
+    train = [json.loads(line) for line in open(job["train_file"])]
+    dev = [json.loads(line) for line in open(job["eval_file"])]
+    assert all(r["output"] for r in train + dev)  # empty answers dropped
+    assert not {r["output"] for r in train} & {r["output"] for r in dev}
+    assert job["warmup_steps"] == 2  # 3 % of 50 steps, rounded up
+
+
+def test_skipped_with_the_reason_when_the_model_cannot_be_had(alpaca, tmp_path, monkeypatch):
+    def missing(name, shared):
+        raise RecipeMissing(f"no recipe at {shared}/models/{name}/make.py")
+    monkeypatch.setattr(run, "built_model", missing)
+    with pytest.raises(run.Skip, match="no recipe at"):
+        prepared(alpaca, tmp_path)
+
+    def broken(name, shared):
+        raise RuntimeError("make.py failed (exit 1): error: pip failed")
+    monkeypatch.setattr(run, "built_model", broken)
+    with pytest.raises(run.Skip, match="building smollm2-135m-instruct failed: .*pip failed"):
+        prepared(alpaca, tmp_path)
