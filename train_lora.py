@@ -78,7 +78,7 @@ def run_rank(r: int, source: str, cfg: LoraRunConfig, task: CausalLMTask, data: 
     `baseline` is the untrained model's evaluation; None makes this rank compute it
     (and the base model's samples).
     """
-    dtype = base_dtype(accelerator, cfg.mixed_precision)
+    dtype = base_dtype(accelerator.device, cfg.mixed_precision)
     model = build_lora_model(source, r, cfg, dtype, accelerator.device).to(accelerator.device)
     trainable, total = model.get_nb_trainable_parameters()
     if baseline is None:

@@ -138,6 +138,7 @@ def prepare(name: str, spec: dict, args, work: Path, on_gpu: bool) -> dict:
             rows = read_jsonl(path)
             n_eval = min(100, len(rows) // 6)
             train, dev = rows[:len(rows) - n_eval], rows[len(rows) - n_eval:]
+        train = capped(train, spec, args.steps)
         job["train_file"] = write_jsonl(wdir / "train.jsonl", train)
         job["eval_file"] = write_jsonl(wdir / "eval.jsonl", dev)
         job["n_train"], job["n_eval"] = len(train), len(dev)
@@ -167,6 +168,7 @@ def prepare(name: str, spec: dict, args, work: Path, on_gpu: bool) -> dict:
     random.Random(0).shuffle(rows)
     n_eval = min(spec.get("n_eval", 200), len(rows) // 10)
     train, dev = rows[:len(rows) - n_eval][:spec.get("n_train")], rows[len(rows) - n_eval:]
+    train = capped(train, spec, args.steps)
     job["train_file"] = write_jsonl(wdir / "train.jsonl", train)
     job["eval_file"] = write_jsonl(wdir / "eval.jsonl", dev)
     job["n_train"], job["n_eval"] = len(train), len(dev)
@@ -175,6 +177,16 @@ def prepare(name: str, spec: dict, args, work: Path, on_gpu: bool) -> dict:
     job["model_dir"] = str(pretrained_lm(spec["model"]) if spec["model"] in PRETRAINED_LMS
                            else save_llama(wdir / "model", spec, train, on_gpu))
     return job
+
+
+def capped(train: list[dict], spec: dict, steps: int) -> list[dict]:
+    """Under --steps N, the rows of N optimizer steps: every side then trains the same
+    rows for whole epochs, in its own order. (Capping steps alone would not: Trainer's
+    length grouping starts with its longest batch, so its first N steps see longer rows
+    than a random draw.)"""
+    if not steps:
+        return train
+    return train[:math.ceil(steps / spec["epochs"]) * spec["batch_size"]]
 
 
 def pretrained_lm(name: str) -> Path:
@@ -202,7 +214,7 @@ def save_llama(out: Path, spec: dict, train: list[dict], on_gpu: bool) -> Path:
                          tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
-    # bf16 where the sides will train on a bf16 base (train_lora.base_dtype), else fp32.
+    # Saved in bf16 where a GPU run will load it so (tasks.lora_model.base_dtype).
     dtype = torch.bfloat16 if on_gpu and spec.get("mixed_precision") == "bf16" else torch.float32
     with torch.device("cuda" if on_gpu else "cpu"):
         model = LlamaForCausalLM(config).to(dtype)
@@ -401,7 +413,7 @@ def _finish(measure: Measure, **figures) -> dict:
 def _timed(real_train, measures: list, lm: bool):
     """core.loop.train as the script calls it, timed and metered; one Measure per call."""
     import core.checkpoint
-    def timed_train(model, task, data, cfg, accelerator, out_dir):
+    def timed_train(model, task, data, cfg, accelerator, out_dir, *rest):
         measure = Measure(model, lm)
         measures.append(measure)
         if lm:
@@ -417,7 +429,7 @@ def _timed(real_train, measures: list, lm: bool):
         core.checkpoint.save = measure.checkpointing(save)
         measure.start()
         try:
-            result = real_train(model, task, data, cfg, accelerator, out_dir)
+            result = real_train(model, task, data, cfg, accelerator, out_dir, *rest)
         finally:
             core.checkpoint.save = save
         measure.stop()
@@ -556,6 +568,7 @@ def trainer_lm(job: dict) -> dict:
 
     from eval.lm import evaluate_lm
     from tasks.instruct import encode, prompt_template
+    from tasks.lora_model import base_dtype
 
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
     template = prompt_template("alpaca")
@@ -566,10 +579,11 @@ def trainer_lm(job: dict) -> dict:
         return encode(examples, template, tokenizer, job["max_length"], where).rows
 
     train_rows, eval_rows = rows(job["train_file"], "train"), rows(job["eval_file"], "eval")
-    bf16 = torch.cuda.is_available() and job.get("mixed_precision") == "bf16"
+    # The frozen base in the dtype train_lora.py gives it (bf16 in a bf16 run).
+    dtype = base_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                       job.get("mixed_precision", "no"))
     set_seed(SEED)
-    base = AutoModelForCausalLM.from_pretrained(
-        job["model_dir"], dtype=torch.bfloat16 if bf16 else torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype)
     model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **LORA))
     train = datasets.Dataset.from_list(
         [{**r, "attention_mask": [1] * len(r["input_ids"])} for r in train_rows])
@@ -633,23 +647,30 @@ def summarise(runs: dict[str, list[dict]], on_gpu: bool, peak_tflops: float | No
     peers = [p for p in PEERS if p in summary]
     if "rawtune" in summary and peers:
         # Against the faster peer: the ratio a user who tunes Trainer would see.
-        best = max(peers, key=lambda p: summary[p]["samples_per_s"])
-        summary["ratio"] = {"vs": best, **_ratio(summary, runs, best, on_gpu),
-                            "vs_each": {p: _ratio(summary, runs, p, on_gpu)["samples_per_s"]
+        speed = _speed_key(summary["rawtune"])
+        best = max(peers, key=lambda p: summary[p][speed])
+        summary["ratio"] = {"vs": best, "measure": speed, **_ratio(summary, runs, best, on_gpu),
+                            "vs_each": {p: _ratio(summary, runs, p, on_gpu)["speed"]
                                         for p in peers}}
     return summary
+
+
+def _speed_key(side: dict) -> str:
+    """The headline measure: tokens trained per second — target tokens for a language
+    model. Over full epochs it ranks as samples/s does; under --steps, where the sides'
+    samplers reach rows of other lengths in their first steps, it still compares work done."""
+    return "target_tokens_per_s" if "target_tokens_per_s" in side else "tokens_per_s"
 
 
 def _ratio(summary: dict, runs: dict, peer: str, on_gpu: bool) -> dict:
     """rawtune over `peer`: medians, each alternated pair, peak memory."""
     r, t = summary["rawtune"], summary[peer]
-    pairs = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(runs["rawtune"], runs[peer])
-             if "samples_per_s" in a and "samples_per_s" in b]
+    key = _speed_key(r)
+    pairs = [a[key] / b[key] for a, b in zip(runs["rawtune"], runs[peer]) if key in a and key in b]
     mem = "cuda_peak_mb" if on_gpu else "peak_rss_mb"
-    return {"samples_per_s": r["samples_per_s"] / t["samples_per_s"],
+    return {"speed": r[key] / t[key], "samples_per_s": r["samples_per_s"] / t["samples_per_s"],
             "samples_per_s_no_ckpt": r["samples_per_s_no_ckpt"] / t["samples_per_s_no_ckpt"],
             "per_pair": [round(p, 3) for p in pairs], "peak_memory": r[mem] / t[mem]}
-    return summary
 
 
 def fmt(value, spec=".1f", none="–"):
@@ -705,13 +726,16 @@ def markdown(results: dict) -> str:
                 f"{x['samples_per_s_no_ckpt']:.2f} |")
         if "ratio" in s:
             ratio = s["ratio"]
+            cells = ["", "", ""]  # under tokens/s and target tok/s: the headline ratio
+            cells[1 if ratio["measure"] == "tokens_per_s" else 2] = f"**{ratio['speed']:.2f}×**"
             lines.append(f"| **{name}** | **rawtune / best Trainer ({SIDE_NAMES[ratio['vs']]})** | "
-                         f"**{ratio['samples_per_s']:.2f}×**"
-                         f" | | | | | {ratio['peak_memory']:.2f}× | | | | | | | "
-                         f"**{ratio['samples_per_s_no_ckpt']:.2f}×** |")
-            notes.append(f"- {name}: rawtune / best Trainer samples/s per alternated pair "
-                         f"{ratio['per_pair']}; against each peer: " + ", ".join(
-                             f"{SIDE_NAMES[p]} {v:.2f}×" for p, v in ratio["vs_each"].items()))
+                         f"{ratio['samples_per_s']:.2f}× | {cells[1]} | {cells[2]}"
+                         f" | | | {ratio['peak_memory']:.2f}× | | | | | | | "
+                         f"{ratio['samples_per_s_no_ckpt']:.2f}× |")
+            notes.append(f"- {name}: rawtune / best Trainer {ratio['measure'].replace('_', ' ')} "
+                         f"per alternated pair {ratio['per_pair']}; against each peer: "
+                         + ", ".join(f"{SIDE_NAMES[p]} {v:.2f}×"
+                                     for p, v in ratio["vs_each"].items()))
         if w.get("data_note"):
             notes.append(f"- {name}: {w['data_note']}")
     return "\n".join(lines + [""] + notes) + "\n"
@@ -805,8 +829,8 @@ def main(argv: list[str] | None = None) -> int:
                                      cpu_peaks[job.get("mixed_precision", "no")])}
             ratio = results["workloads"][name]["summary"].get("ratio")
             if ratio:
-                print(f"[{name}] rawtune / best Trainer ({ratio['vs']}) samples/s "
-                      f"{ratio['samples_per_s']:.2f}x "
+                print(f"[{name}] rawtune / best Trainer ({ratio['vs']}) "
+                      f"{ratio['measure'].replace('_', ' ')} {ratio['speed']:.2f}x "
                       f"(pairs {ratio['per_pair']}), peak memory {ratio['peak_memory']:.2f}x",
                       flush=True)
     finally:
@@ -820,7 +844,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.md").write_text(markdown(results))
     print(markdown(results))
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
-    return 0
+    failed = [f"{name} {side}" for name, w in results["workloads"].items()
+              for side, runs in w.get("runs", {}).items() if any("error" in r for r in runs)]
+    if failed:  # a side that crashed is a broken benchmark, not a slow side
+        print(f"FAILED: {', '.join(failed)} (see the log above)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,12 +1,10 @@
-"""The frozen base's dtype: half precision for half-precision runs on a GPU, fp32 elsewhere;
+"""The frozen base's dtype: the half precision of a half-precision run, fp32 otherwise;
 the LoRA weights and their AdamW state stay fp32 whatever the base.
 
 fp16 runs exist only on GPUs (a CPU refuses --mixed-precision fp16), so the decision is
 tested directly, and the training path of an fp16 base under fp16 autocast and a gradient
 scaler is run on a CPU made to autocast as a GPU would (conftest's cpu_amp).
 """
-
-import types
 
 import pytest
 import torch
@@ -24,15 +22,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("cuda", "fp16", True, torch.float16),
     ("cuda", "bf16", True, torch.bfloat16),
     ("cuda", "no", True, torch.float32),
-    ("cpu", "bf16", True, torch.float32),
-    ("cpu", "fp16", True, torch.float32),     # refused before this, by make_accelerator
+    ("cuda", "bf16", False, torch.float32),   # refused earlier by Accelerate; fp32 if not
+    ("cpu", "bf16", False, torch.bfloat16),   # CPU autocast computes in bf16 too
+    ("cpu", "no", False, torch.float32),
 ])
-def test_half_precision_runs_on_a_gpu_keep_the_base_in_that_precision(device, precision,
-                                                                      bf16_gpu, want,
-                                                                      monkeypatch):
+def test_half_precision_runs_keep_the_base_in_that_precision(device, precision, bf16_gpu,
+                                                             want, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
-    accelerator = types.SimpleNamespace(device=torch.device(device))
-    assert base_dtype(accelerator, precision) == want
+    assert base_dtype(torch.device(device), precision) == want
 
 
 @pytest.mark.parametrize("flags,precision,base,want", [
@@ -46,11 +43,17 @@ def test_merge_loads_a_quantised_base_in_half_precision(flags, precision, base, 
     assert quantize.merge_dtype(cfg, base) == want
 
 
-def test_an_fp16_base_trains_fp32_adapters_with_fp32_optimizer_state(cpu_amp, monkeypatch,
-                                                                     tmp_path):
-    cpu_amp(train_lora, "fp16", init_scale=2.0 ** 10)
-    monkeypatch.setattr(train_lora, "base_dtype", lambda accelerator, precision:
-                        torch.float16 if precision == "fp16" else torch.float32)  # a GPU's choice
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_a_half_precision_base_trains_fp32_adapters_with_fp32_optimizer_state(
+        precision, cpu_amp, monkeypatch, tmp_path):
+    """bf16 takes base_dtype's choice on a CPU; fp16, which only GPUs run, a GPU's choice.
+    (cpu_amp sets the autocast precision for this test alone: Accelerate's state is one
+    per process.)"""
+    cpu_amp(train_lora, precision, init_scale=2.0 ** 10)
+    if precision == "fp16":
+        monkeypatch.setattr(train_lora, "base_dtype", lambda device, precision:
+                            torch.float16 if precision == "fp16" else torch.float32)
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     caught, real_train = {}, train_lora.train
 
     def catching(model, *args, **kwargs):
@@ -61,9 +64,9 @@ def test_an_fp16_base_trains_fp32_adapters_with_fp32_optimizer_state(cpu_amp, mo
     out = tmp_path / "run"
     assert train_lora.main(["--demo", "--lora-r", "4", "--max-train-samples", "64",
                             "--max-steps", "3", "--batch-size", "8", "--max-length", "128",
-                            "--mixed-precision", "fp16", "--output-dir", str(out)]) == 0
+                            "--mixed-precision", precision, "--output-dir", str(out)]) == 0
     params = dict(caught["model"].named_parameters())
-    assert {p.dtype for n, p in params.items() if "lora_" not in n} == {torch.float16}
+    assert {p.dtype for n, p in params.items() if "lora_" not in n} == {half}
     assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
     optimizer = torch.load(out / "r4" / "checkpoints" / "step-000003" / "optimizer.pt",
                            weights_only=True)
