@@ -63,7 +63,6 @@ ARCHS = {
 BASES = {"fp32": ("no", "float32", None), "bf16": ("bf16", "bfloat16", None),
          "fp16": ("fp16", "float16", None), "8bit": ("bf16", "float32", "load_in_8bit"),
          "4bit": ("bf16", "float32", "load_in_4bit")}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def save_model(arch: str, out: Path, on_gpu: bool) -> Path:
@@ -184,7 +183,7 @@ def measure(job: dict) -> dict:
     model, optimizer = train_one(job, job["model_dir"], out_dir, shape, on_loaded)
     top = peak.read()
     base, lora = weight_bytes(model), weight_bytes(model, trainable=True)
-    residue = max(0.0, loaded[0] - baseline - base)
+    residue = max(0.0, loaded[0] - baseline - base - lora)  # the LoRA weights count below
     adam = sum(t.numel() * t.element_size() for s in optimizer.state.values()
                for t in s.values() if isinstance(t, torch.Tensor))
     trainable = 2 * lora + adam  # weights, their gradients, AdamW's moments
@@ -204,8 +203,8 @@ def run_child(job: dict, work: Path) -> dict:
     spec.write_text(json.dumps({**job, "result": str(result)}))
     proc = subprocess.run([sys.executable, "-m", "bench.memory", "--child", str(spec)],
                           cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True)
-    if proc.returncode or not result.exists():
-        return {"error": proc.stderr.strip().splitlines()[-5:]}
+    if proc.returncode or not result.exists():  # a child killed for memory says nothing
+        return {"error": [f"exit {proc.returncode}", *proc.stderr.strip().splitlines()[-5:]]}
     return json.loads(result.read_text())
 
 
@@ -257,7 +256,7 @@ def markdown(results: dict) -> str:
     for run in results["runs"]:
         head = f"| {run['base']} | {'on' if run['checkpointing'] else 'off'} |"
         if "error" in run:
-            lines.append(head + " failed: " + " / ".join(run["error"])[-200:] + " ||||||")
+            lines.append(head + " failed: " + " / ".join(run["error"])[-200:] + " |||||||")
             continue
         guess = {k: v / 2**20 for k, v in fits.estimate(
             shape, run["base"], meta["r"], meta["batch_size"] * meta["max_length"],
@@ -315,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "memory.json").write_text(json.dumps(results, indent=1))
     (out / "memory.md").write_text(markdown(results))
     print(markdown(results))
-    return 0
+    return 1 if any("error" in run for run in results["runs"]) else 0
 
 
 if __name__ == "__main__":

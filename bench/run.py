@@ -91,6 +91,10 @@ class Skip(Exception):
     """A workload that cannot run here; the message says why."""
 
 
+class PrepareFailed(Exception):
+    """A workload whose assets are here but could not be made ready: a failure."""
+
+
 # ---------------------------------------------------------------- data, shared by both sides
 
 def read_sst2(path: Path) -> list[dict]:
@@ -195,8 +199,8 @@ def pretrained_lm(name: str) -> Path:
         return built_model(name, SHARED)
     except RecipeMissing as why:
         raise Skip(str(why)) from None
-    except RuntimeError as why:  # the recipe's build failed: say so in the results, go on
-        raise Skip(f"building {name} failed: {why}") from None
+    except RuntimeError as why:  # the recipe is there but fails: the benchmark is broken
+        raise PrepareFailed(f"building {name} failed: {why}") from None
 
 
 def save_llama(out: Path, spec: dict, train: list[dict], on_gpu: bool) -> Path:
@@ -413,7 +417,7 @@ def _finish(measure: Measure, **figures) -> dict:
 def _timed(real_train, measures: list, lm: bool):
     """core.loop.train as the script calls it, timed and metered; one Measure per call."""
     import core.checkpoint
-    def timed_train(model, task, data, cfg, accelerator, out_dir, *rest):
+    def timed_train(model, task, data, cfg, accelerator, out_dir, *rest, **kwargs):
         measure = Measure(model, lm)
         measures.append(measure)
         if lm:
@@ -429,7 +433,7 @@ def _timed(real_train, measures: list, lm: bool):
         core.checkpoint.save = measure.checkpointing(save)
         measure.start()
         try:
-            result = real_train(model, task, data, cfg, accelerator, out_dir, *rest)
+            result = real_train(model, task, data, cfg, accelerator, out_dir, *rest, **kwargs)
         finally:
             core.checkpoint.save = save
         measure.stop()
@@ -445,7 +449,10 @@ def common_flags(job: dict) -> list[str]:
             "--weight-decay", str(job["weight_decay"]),
             "--warmup-steps", str(job.get("warmup_steps", 0)), "--seed", str(SEED),
             "--output-dir", job["out_dir"], "--overwrite",
-            "--mixed-precision", job.get("mixed_precision", "no")]
+            "--mixed-precision", job.get("mixed_precision", "no"),
+            # One evaluation, at the end (a sweep's default is ten): the timing leaves
+            # evaluation out, but each would still cost the benchmark's wall time.
+            "--eval-every", "0"]
     if job["steps"]:
         argv += ["--max-steps", str(job["steps"])]
     return argv + job["extra"]
@@ -673,6 +680,19 @@ def _ratio(summary: dict, runs: dict, peer: str, on_gpu: bool) -> dict:
             "per_pair": [round(p, 3) for p in pairs], "peak_memory": r[mem] / t[mem]}
 
 
+def _ratio_lines(name: str, ratio: dict) -> tuple[str, str]:
+    """The workload's ratio row (the headline under tokens/s or target tok/s) and its note."""
+    tokens, targets = ("", f"**{ratio['speed']:.2f}×**") if ratio["measure"] != "tokens_per_s" \
+        else (f"**{ratio['speed']:.2f}×**", "")
+    row = (f"| **{name}** | **rawtune / best Trainer ({SIDE_NAMES[ratio['vs']]})** | "
+           f"{ratio['samples_per_s']:.2f}× | {tokens} | {targets} | | | "
+           f"{ratio['peak_memory']:.2f}× | | | | | | | {ratio['samples_per_s_no_ckpt']:.2f}× |")
+    note = (f"- {name}: rawtune / best Trainer {ratio['measure'].replace('_', ' ')} per "
+            f"alternated pair {ratio['per_pair']}; against each peer: "
+            + ", ".join(f"{SIDE_NAMES[p]} {v:.2f}×" for p, v in ratio["vs_each"].items()))
+    return row, note
+
+
 def fmt(value, spec=".1f", none="–"):
     return none if value is None else format(value, spec)
 
@@ -706,8 +726,9 @@ def markdown(results: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for name, w in results["workloads"].items():
-        if "skipped" in w:
-            lines.append(f"| {name} | skipped: {w['skipped']} | | | | | | | | | | | | | |")
+        if "skipped" in w or "error" in w:
+            why = f"skipped: {w['skipped']}" if "skipped" in w else f"FAILED: {w['error']}"
+            lines.append(f"| {name} | {why} | | | | | | | | | | | | | |")
             continue
         s = w["summary"]
         for side in SIDES:
@@ -725,30 +746,23 @@ def markdown(results: dict) -> str:
                 f"{x['padding']:.1%} | {x['steps']} | {x['ckpt_s']:.1f} | "
                 f"{x['samples_per_s_no_ckpt']:.2f} |")
         if "ratio" in s:
-            ratio = s["ratio"]
-            cells = ["", "", ""]  # under tokens/s and target tok/s: the headline ratio
-            cells[1 if ratio["measure"] == "tokens_per_s" else 2] = f"**{ratio['speed']:.2f}×**"
-            lines.append(f"| **{name}** | **rawtune / best Trainer ({SIDE_NAMES[ratio['vs']]})** | "
-                         f"{ratio['samples_per_s']:.2f}× | {cells[1]} | {cells[2]}"
-                         f" | | | {ratio['peak_memory']:.2f}× | | | | | | | "
-                         f"{ratio['samples_per_s_no_ckpt']:.2f}× |")
-            notes.append(f"- {name}: rawtune / best Trainer {ratio['measure'].replace('_', ' ')} "
-                         f"per alternated pair {ratio['per_pair']}; against each peer: "
-                         + ", ".join(f"{SIDE_NAMES[p]} {v:.2f}×"
-                                     for p, v in ratio["vs_each"].items()))
+            row, note = _ratio_lines(name, s["ratio"])
+            lines.append(row)
+            notes.append(note)
         if w.get("data_note"):
             notes.append(f"- {name}: {w['data_note']}")
     return "\n".join(lines + [""] + notes) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS),
                         choices=list(WORKLOADS), help="which workloads (default: all)")
     parser.add_argument("--steps", type=int, default=0,
-                        help="cap optimizer steps on both sides (default: full epochs)")
+                        help="train the rows of N optimizer steps on every side, for whole "
+                             "epochs (default: every row)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternated")
     parser.add_argument("--out", default=str(ROOT / "bench"),
                         help="folder for results.md and results.json")
@@ -769,86 +783,100 @@ def main(argv: list[str] | None = None) -> int:
                              "dataloader_num_workers=1")
     parser.add_argument("--keep-work", action="store_true", help="keep the scratch folder")
     parser.add_argument("--note", default="", help="a line written at the top of results.md")
-    args = parser.parse_args(argv)
-    if args.child:
-        return child(args.child)
+    return parser.parse_args(argv)
 
+
+def meta(args, argv: list[str] | None, on_gpu: bool, cpu_peaks: dict) -> dict:
+    """What a result is only comparable with: machine, date, versions, settings."""
     import accelerate
     import peft
     import torch
     import transformers
-
-    from bench import peak as bench_peak
-    on_gpu = torch.cuda.is_available()
     machine = (f"{torch.cuda.get_device_name(0)}" if on_gpu else
                f"CPU, {os.cpu_count()} cores, "
                f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB")
-    # A CPU's peak is measured in each precision, before any workload loads the machine.
-    cpu_peaks = {} if on_gpu else bench_peak.cpu_peaks()
-    results = {"meta": {
-        "date": datetime.date.today().isoformat(), "machine": machine, "cuda": on_gpu,
-        "host": platform.node(), "command": "python -m bench " + " ".join(argv or sys.argv[1:]),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "accelerate": accelerate.__version__,
-        "repeats": args.repeats, "steps": args.steps,
-        "peak_tflops": args.peak_tflops if on_gpu else cpu_peaks,
-        "note": args.note}, "workloads": {}}
-    work = Path(tempfile.mkdtemp(prefix="rawtune-bench-"))
-    try:
-        for name in args.workloads:
-            spec = WORKLOADS[name]
-            try:
-                job = prepare(name, spec, args, work, on_gpu)
-            except Skip as why:
-                print(f"[{name}] skipped: {why}", flush=True)
-                results["workloads"][name] = {"skipped": str(why)}
-                continue
-            runs = {side: [] for side in SIDES}
-            extras = {"rawtune": args.rawtune_arg, "trainer": args.trainer_arg,
-                      "trainer-grouped": args.trainer_arg}
-            for rep in range(args.repeats):
-                for side in SIDES:
-                    result = run_side(job, side, extras[side], work / name, f"{side}-{rep}")
-                    runs[side].append(result)
-                    print(f"[{name}] {side} #{rep + 1}: " + (
-                        f"{result['samples_per_s']:.2f} samples/s, {result['tokens_per_s']:.0f} "
-                        f"tokens/s, {result['steps']} steps in {result['train_s']:.1f}s, "
-                        f"loss {result['train_loss']:.4f}, peak RSS {result['peak_rss_mb']:.0f} MiB"
-                        if "samples_per_s" in result else
-                        f"skipped: {result['skipped']}" if "skipped" in result else
-                        f"FAILED {result['error']}\n  " + "\n  ".join(result["log_tail"])),
-                        flush=True)
-            results["workloads"][name] = {
-                "settings": {k: job[k] for k in ("model", "lr", "batch_size", "epochs",
-                                                 "max_length", "weight_decay", "n_train",
-                                                 "n_eval") if k in job}
-                | {"mixed_precision": job.get("mixed_precision", "no"),
-                   "rawtune_args": args.rawtune_arg, "trainer_args": args.trainer_arg},
-                "data_note": job.get("data_note"), "runs": runs,
-                "summary": summarise(runs, on_gpu, args.peak_tflops if on_gpu else
-                                     cpu_peaks[job.get("mixed_precision", "no")])}
-            ratio = results["workloads"][name]["summary"].get("ratio")
-            if ratio:
-                print(f"[{name}] rawtune / best Trainer ({ratio['vs']}) "
-                      f"{ratio['measure'].replace('_', ' ')} {ratio['speed']:.2f}x "
-                      f"(pairs {ratio['per_pair']}), peak memory {ratio['peak_memory']:.2f}x",
-                      flush=True)
-    finally:
-        if args.keep_work:
-            print(f"scratch kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    out = Path(args.out)
+    return {"date": datetime.date.today().isoformat(), "machine": machine, "cuda": on_gpu,
+            "host": platform.node(), "command": "python -m bench " + " ".join(argv or sys.argv[1:]),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__,
+            "repeats": args.repeats, "steps": args.steps,
+            "peak_tflops": args.peak_tflops if on_gpu else cpu_peaks, "note": args.note}
+
+
+def run_workload(name: str, job: dict, args, work: Path, on_gpu: bool, peak: float) -> dict:
+    """Every side, `--repeats` times, alternated; the runs, their summary and ratios."""
+    runs = {side: [] for side in SIDES}
+    extras = {"rawtune": args.rawtune_arg, "trainer": args.trainer_arg,
+              "trainer-grouped": args.trainer_arg}
+    for rep in range(args.repeats):
+        for side in SIDES:
+            result = run_side(job, side, extras[side], work / name, f"{side}-{rep}")
+            runs[side].append(result)
+            print(f"[{name}] {side} #{rep + 1}: " + (
+                f"{result['samples_per_s']:.2f} samples/s, {result['tokens_per_s']:.0f} "
+                f"tokens/s, {result['steps']} steps in {result['train_s']:.1f}s, "
+                f"loss {result['train_loss']:.4f}, peak RSS {result['peak_rss_mb']:.0f} MiB"
+                if "samples_per_s" in result else
+                f"skipped: {result['skipped']}" if "skipped" in result else
+                f"FAILED {result['error']}\n  " + "\n  ".join(result["log_tail"])), flush=True)
+    summary = summarise(runs, on_gpu, peak)
+    if "ratio" in summary:
+        ratio = summary["ratio"]
+        print(f"[{name}] rawtune / best Trainer ({ratio['vs']}) "
+              f"{ratio['measure'].replace('_', ' ')} {ratio['speed']:.2f}x "
+              f"(pairs {ratio['per_pair']}), peak memory {ratio['peak_memory']:.2f}x", flush=True)
+    settings = {k: job[k] for k in ("model", "lr", "batch_size", "epochs", "max_length",
+                                    "weight_decay", "n_train", "n_eval") if k in job}
+    settings |= {"mixed_precision": job.get("mixed_precision", "no"),
+                 "rawtune_args": args.rawtune_arg, "trainer_args": args.trainer_arg}
+    return {"settings": settings, "data_note": job.get("data_note"), "runs": runs,
+            "summary": summary}
+
+
+def report(results: dict, out: Path) -> int:
+    """results.json and results.md written and printed; 1 if anything failed."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(markdown(results))
     print(markdown(results))
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
-    failed = [f"{name} {side}" for name, w in results["workloads"].items()
-              for side, runs in w.get("runs", {}).items() if any("error" in r for r in runs)]
+    failed = [name for name, w in results["workloads"].items() if "error" in w]
+    failed += [f"{name} {side}" for name, w in results["workloads"].items()
+               for side, runs in w.get("runs", {}).items() if any("error" in r for r in runs)]
     if failed:  # a side that crashed is a broken benchmark, not a slow side
         print(f"FAILED: {', '.join(failed)} (see the log above)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child(args.child)
+    import torch
+
+    from bench import peak as bench_peak
+    on_gpu = torch.cuda.is_available()
+    # A CPU's peak is measured in each precision, before any workload loads the machine.
+    cpu_peaks = {} if on_gpu else bench_peak.cpu_peaks()
+    results = {"meta": meta(args, argv, on_gpu, cpu_peaks), "workloads": {}}
+    work = Path(tempfile.mkdtemp(prefix="rawtune-bench-"))
+    try:
+        for name in args.workloads:
+            try:
+                job = prepare(name, WORKLOADS[name], args, work, on_gpu)
+            except (Skip, PrepareFailed) as why:
+                skipped = isinstance(why, Skip)
+                print(f"[{name}] {'skipped' if skipped else 'FAILED'}: {why}", flush=True)
+                results["workloads"][name] = {"skipped" if skipped else "error": str(why)}
+                continue
+            peak = args.peak_tflops if on_gpu else cpu_peaks[job.get("mixed_precision", "no")]
+            results["workloads"][name] = run_workload(name, job, args, work, on_gpu, peak)
+    finally:
+        if args.keep_work:
+            print(f"scratch kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return report(results, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -80,8 +80,9 @@ class TrainConfig:
     fsdp: bool = opt(False, "shard weights, gradients and optimizer state across the launched "
                             "processes (FSDP2, one unit per transformer block) instead of a "
                             "whole copy per process: for models that outgrow one device")
-    return_cpu_memory: bool = opt(True, "on a CPU (glibc): unmap freed tensor memory at once, so "
-                                        "peak RSS is live tensors, not heap fragmentation")
+    return_cpu_memory: bool = opt(True, "on a CPU (glibc): unmap freed blocks of 4 MiB or more "
+                                        "at once, so peak RSS stays near the live tensors "
+                                        "instead of growing by heap fragmentation")
     peak_tflops: float | None = opt(None, "one device's peak in TFLOP/s, for MFU in the log "
                                           "(default: the dense bf16 peak of known GPUs)")
     seed: int = opt(42, "seed for data order, initialisation and dropout")

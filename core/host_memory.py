@@ -5,9 +5,12 @@ A training step allocates and frees gigabytes of activations. glibc's malloc ser
 blocks below its mmap threshold from a heap it rarely shrinks, and raises that
 threshold (up to 32 MiB) each time a mapped block is freed; blocks of the next step,
 of other sizes, then fit badly into the holes the last one left. Resident memory
-grows by this fragmentation, not by live tensors: on a long-text workload the peak
-RSS fell from ~6.4 to ~5.6 GiB with the threshold pinned at 1 MiB, at the same speed
-(docs/benchmarks.md).
+grows by this fragmentation, not by live tensors. Pinning the threshold bounds it:
+blocks above it are mapped on allocation and unmapped at free. Too low a threshold
+costs speed instead, as every mapped block is page-faulted afresh: at 1 MiB a
+SmolLM2-135M LoRA step ran 31 % slower than at 4 MiB, whose peak RSS stayed below
+Trainer's (docs/benchmarks.md, 2026-11-27: 4 MiB was the fastest of 1 MiB, 4 MiB,
+glibc's own and a trim after each step, on three workloads).
 """
 
 import ctypes
@@ -15,7 +18,7 @@ import ctypes.util
 import sys
 
 _M_MMAP_THRESHOLD = -3   # mallopt's parameter number in glibc's <malloc.h>
-THRESHOLD_BYTES = 1 << 20
+THRESHOLD_BYTES = 4 << 20
 
 
 def map_large_blocks(threshold: int = THRESHOLD_BYTES) -> bool:

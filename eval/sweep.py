@@ -27,11 +27,12 @@ def _losses(log: list[dict], kind: str) -> list[tuple[int, float]]:
 def count_with_unit(n: int) -> str:
     """A parameter count in three figures and a unit (2442240 -> "2.44 M"): short enough
     for the sweep table to fit a terminal; sweep.json keeps the exact count."""
-    for unit, size in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
-        if n >= size:
-            value = n / size
-            return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f} {unit}"
-    return str(n)
+    value, units = float(f"{n:.3g}"), ["", " k", " M", " B", " T"]
+    while value >= 1000 and len(units) > 1:  # rounding may carry into the next unit
+        value, units = value / 1000, units[1:]
+    if not units[0]:
+        return str(n)
+    return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f}{units[0]}"
 
 
 def write_sweep(out_dir: Path, results: list[dict]) -> None:

@@ -1,5 +1,6 @@
 """The benchmark's real LoRA workload, lora-smollm: its rows and its model from the test cache,
-or a skip that says why. No training here."""
+a skip that says why without ../shared, a failure when the model's recipe fails. No
+training here."""
 
 import argparse
 import json
@@ -48,8 +49,16 @@ def test_skipped_with_the_reason_when_the_model_cannot_be_had(alpaca, tmp_path, 
     with pytest.raises(run.Skip, match="no recipe at"):
         prepared(alpaca, tmp_path)
 
-    def broken(name, shared):
+    def broken(name, shared):  # the recipe is there but fails: a failure, not a skip
         raise RuntimeError("make.py failed (exit 1): error: pip failed")
     monkeypatch.setattr(run, "built_model", broken)
-    with pytest.raises(run.Skip, match="building smollm2-135m-instruct failed: .*pip failed"):
+    with pytest.raises(run.PrepareFailed,
+                       match="building smollm2-135m-instruct failed: .*pip failed"):
         prepared(alpaca, tmp_path)
+
+
+def test_steps_keep_the_rows_of_that_many_steps(alpaca, tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "built_model", lambda name, shared: tmp_path / "cache" / name)
+    job = prepared(alpaca, tmp_path, steps=5)
+    assert (job["n_train"], job["n_eval"]) == (40, 100)  # 5 steps of 8 rows, every eval row
+    assert job["warmup_steps"] == 1

@@ -8,8 +8,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Fragments glibc's heap the way a training step does: large blocks (2 MiB) allocated
-# between small ones that outlive them. Prints the RSS (MiB) the freed blocks leave behind.
+# Fragments glibc's heap the way a training step does: large blocks (8 MiB, above the
+# pinned 4 MiB threshold) allocated between small ones that outlive them. Prints the RSS
+# (MiB) the freed blocks leave behind.
 PROGRAM = """
 import sys, torch
 from core import host_memory
@@ -17,12 +18,12 @@ if sys.argv[1] == "mapped":
     assert host_memory.map_large_blocks()
 def rss():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
-block = torch.ones(2**19)
-del block  # a freed mapped 2 MiB block: glibc now serves that size from its heap
+block = torch.ones(2**21)
+del block  # a freed mapped 8 MiB block: glibc now serves that size from its heap
 before = rss()
 big, small = [], []
-for _ in range(200):
-    big.append(torch.ones(2**19))   # 2 MiB
+for _ in range(50):
+    big.append(torch.ones(2**21))   # 8 MiB
     small.append(torch.ones(256))   # 1 KiB, kept
 del big
 print(rss() - before)

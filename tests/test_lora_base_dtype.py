@@ -46,13 +46,10 @@ def test_merge_loads_a_quantised_base_in_half_precision(flags, precision, base, 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_a_half_precision_base_trains_fp32_adapters_with_fp32_optimizer_state(
         precision, cpu_amp, monkeypatch, tmp_path):
-    """bf16 takes base_dtype's choice on a CPU; fp16, which only GPUs run, a GPU's choice.
-    (cpu_amp sets the autocast precision for this test alone: Accelerate's state is one
-    per process.)"""
+    """The base in the run's half precision, by base_dtype's own choice (fp16 only runs on
+    GPUs: cpu_amp sets the autocast precision, for this test alone, as Accelerate's state
+    is one per process)."""
     cpu_amp(train_lora, precision, init_scale=2.0 ** 10)
-    if precision == "fp16":
-        monkeypatch.setattr(train_lora, "base_dtype", lambda device, precision:
-                            torch.float16 if precision == "fp16" else torch.float32)
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     caught, real_train = {}, train_lora.train
 

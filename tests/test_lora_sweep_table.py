@@ -25,7 +25,9 @@ RESULTS = [
 @pytest.mark.parametrize("n, text", [(0, "0"), (999, "999"), (1_000, "1.00 k"),
                                      (36_864, "36.9 k"), (2_442_240, "2.44 M"),
                                      (12_712_960, "12.7 M"), (254_803_968, "255 M"),
-                                     (3_426_473_600, "3.43 B")])
+                                     (3_426_473_600, "3.43 B"), (9_999, "10.0 k"),
+                                     (99_960, "100 k"), (999_999, "1.00 M"),
+                                     (999_600_000, "1.00 B")])  # rounding carries a unit
 def test_parameter_counts_get_three_figures_and_a_unit(n, text):
     assert count_with_unit(n) == text
 

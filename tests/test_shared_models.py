@@ -53,6 +53,21 @@ def test_built_once_into_the_cache_then_reused(shared, tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["fake-lm", "fake-lm.lock"]
 
 
+def test_a_killed_builds_scratch_is_removed_by_the_next_build(shared, tmp_path):
+    stale = tmp_path / "cache" / ".fake-lm-build-k1ll3d" / "model"  # SIGKILL mid-build
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_text("half")
+    path = built_model("fake-lm", shared)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["fake-lm", "fake-lm.lock"]
+
+
+def test_a_hung_build_is_stopped(shared, monkeypatch):
+    monkeypatch.setenv("SLEEP", "30")
+    monkeypatch.setattr("bench.shared_models.BUILD_TIMEOUT_S", 1)
+    with pytest.raises(RuntimeError, match="did not finish in 1 s"):
+        built_model("fake-lm", shared)
+
+
 def test_a_failed_build_leaves_no_half_model(shared, tmp_path, monkeypatch):
     monkeypatch.setenv("FAIL", "1")
     with pytest.raises(RuntimeError, match="no network"):
