@@ -7,7 +7,7 @@ from ../shared's recipe into the test cache; skipped where ../shared is absent).
   greedy generation from the saved adapter (the run's samples and eval.generate).
 - Conversations in the model's own ChatML template train the assistant turns exactly.
 
-Short rows and few steps keep the three tests at about 95 s on 2 idle cores (155 s on
+Short rows and few steps keep the four tests at about 100 s on 2 idle cores (more on
 one, which they take when the machine is busy: see `threads_for_load`), plus the ~25 s
 build on a machine's first run.
 """
@@ -63,6 +63,7 @@ def sweep(smollm2, threads_for_load, tmp_path_factory):
             "--eval-file", write_jsonl(tmp / "eval.jsonl", short_alpaca_rows(48, 16)),
             "--lora-r", *map(str, RANKS), "--lr", "1e-3", "--batch-size", "8",
             "--eval-batch-size", "16", "--max-length", str(MAX_LENGTH),
+            "--eval-every", "0",  # once, at the end: the figure the test compares
             "--output-dir", str(tmp / "run")]
     assert train_lora.main(argv) == 0
     return tmp
