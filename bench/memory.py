@@ -59,10 +59,10 @@ ARCHS = {
     "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, vocab_size=512),
 }
-# base precision -> (--mixed-precision, the base's dtype, quantisation flag)
-BASES = {"fp32": ("no", "float32", None), "bf16": ("bf16", "bfloat16", None),
-         "fp16": ("fp16", "float16", None), "8bit": ("bf16", "float32", "load_in_8bit"),
-         "4bit": ("bf16", "float32", "load_in_4bit")}
+# base precision -> (--mixed-precision, quantisation flag); the base's dtype follows from
+# them as in train_lora.py (tasks.lora_model.base_dtype, then the quantised load)
+BASES = {"fp32": ("no", None), "bf16": ("bf16", None), "fp16": ("fp16", None),
+         "8bit": ("bf16", "load_in_8bit"), "4bit": ("bf16", "load_in_4bit")}
 
 
 def save_model(arch: str, out: Path, on_gpu: bool) -> Path:
@@ -121,22 +121,21 @@ def train_one(job: dict, model_dir: str, out_dir: Path, shape: tuple[int, int, i
               on_loaded) -> tuple:
     """Train LoRA on `model_dir` as job says, with (batch, length, steps, vocab) = `shape`;
     `on_loaded()` runs once the model is built. Returns (model, optimizer)."""
-    import torch
-
     import core.loop
     from core.parallel import make_accelerator
     from tasks.instruct import CausalLMTask
     from tasks.lora_config import LoraRunConfig
-    from tasks.lora_model import build_lora_model
+    from tasks.lora_model import base_dtype, build_lora_model
 
     batch, length, steps, vocab = shape
-    precision, dtype, flag = BASES[job["base"]]
+    precision, flag = BASES[job["base"]]
     cfg = LoraRunConfig(model=model_dir, lora_r=[job["r"]], batch_size=batch, max_length=length,
                         mixed_precision=precision, gradient_checkpointing=job["checkpointing"],
                         max_steps=steps, log_every=1, warmup_ratio=0.0, group_by_length=False,
                         output_dir=str(out_dir), **({flag: True} if flag else {}))
     accelerator = make_accelerator(precision)
-    model = build_lora_model(model_dir, job["r"], cfg, getattr(torch, dtype),
+    model = build_lora_model(model_dir, job["r"], cfg,
+                             base_dtype(accelerator.device, precision),
                              accelerator.device).to(accelerator.device)
     optimizers, real_adamw = [], core.loop.build_adamw
 

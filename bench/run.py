@@ -664,8 +664,7 @@ def summarise(runs: dict[str, list[dict]], on_gpu: bool, peak_tflops: float | No
 
 def _speed_key(side: dict) -> str:
     """The headline measure: tokens trained per second — target tokens for a language
-    model. Over full epochs it ranks as samples/s does; under --steps, where the sides'
-    samplers reach rows of other lengths in their first steps, it still compares work done."""
+    model, the tokens its loss is taken on."""
     return "target_tokens_per_s" if "target_tokens_per_s" in side else "tokens_per_s"
 
 
@@ -837,8 +836,9 @@ def report(results: dict, out: Path) -> int:
     """results.json and results.md written and printed; 1 if anything failed."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown(results))
-    print(markdown(results))
+    table = markdown(results)
+    (out / "results.md").write_text(table)
+    print(table)
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
     failed = [name for name, w in results["workloads"].items() if "error" in w]
     failed += [f"{name} {side}" for name, w in results["workloads"].items()

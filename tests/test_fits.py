@@ -11,15 +11,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from bench import fits
 from tasks.lora_config import LoraRunConfig
-from tasks.lora_model import build_lora_model
+from tasks.lora_model import base_dtype, build_lora_model
 from tasks.quantize import weight_bytes
 
 SHAPE = dict(h=512, m=1376, L=2, V=2000)
-# base precision -> the run's flags and the dtype train_lora.py loads the base in
-RUNS = {"fp32": ({"mixed_precision": "no"}, torch.float32),
-        "bf16": ({"mixed_precision": "bf16"}, torch.bfloat16),
-        "8bit": ({"mixed_precision": "bf16", "load_in_8bit": True}, torch.float32),
-        "4bit": ({"mixed_precision": "bf16", "load_in_4bit": True}, torch.float32)}
+# base precision -> the run's flags
+RUNS = {"fp32": {"mixed_precision": "no"}, "bf16": {"mixed_precision": "bf16"},
+        "8bit": {"mixed_precision": "bf16", "load_in_8bit": True},
+        "4bit": {"mixed_precision": "bf16", "load_in_4bit": True}}
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -36,9 +35,9 @@ def saved(tmp_path_factory):
 
 @pytest.mark.parametrize("base", list(RUNS))
 def test_the_base_and_lora_terms_are_what_a_built_model_holds(saved, base):
-    flags, dtype = RUNS[base]
-    cfg = LoraRunConfig(model=str(saved), **flags)
-    model = build_lora_model(str(saved), 8, cfg, dtype, torch.device("cpu"))
+    cfg = LoraRunConfig(model=str(saved), **RUNS[base])
+    cpu = torch.device("cpu")  # the base's dtype as train_lora.py picks it
+    model = build_lora_model(str(saved), 8, cfg, base_dtype(cpu, cfg.mixed_precision), cpu)
     # Within 0.5 %: the formula leaves out the quantisers' code tables (1 KiB a layer).
     assert fits.base_bytes(SHAPE, base) == pytest.approx(weight_bytes(model), rel=5e-3)
     assert fits.lora_params(SHAPE, 8) == model.get_nb_trainable_parameters()[0]

@@ -148,7 +148,8 @@ def test_its_own_chat_template_trains_the_assistant_turns_exactly(smollm2, tmp_p
     encoded tokens are that text's tokens, the prompt before each answer being the
     tokens generation starts from."""
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    assert not ChatTemplate(tokenizer.chat_template, tokenizer).marked
+    template = ChatTemplate(tokenizer.chat_template, tokenizer)
+    assert not template.marked
     chats = [[{"role": "user", "content": "Name a primary colour."},
               {"role": "assistant", "content": "Red."}],
              [{"role": "system", "content": "You answer in one word."},
@@ -177,7 +178,7 @@ def test_its_own_chat_template_trains_the_assistant_turns_exactly(smollm2, tmp_p
         assert text.count("[[") == sum(m["role"] == "assistant" for m in answered)
         assert text.rstrip("\n") in preview
 
-        row = encode_conversation(ChatTemplate(tokenizer.chat_template, tokenizer), answered)
+        row = encode_conversation(template, answered)
         whole = tokenizer.apply_chat_template(answered, tokenize=True, return_dict=True)
         assert row["input_ids"] == whole["input_ids"][:len(row["input_ids"])]
         last = max(i for i, label in enumerate(row["labels"]) if label == IGNORE)
