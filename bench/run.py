@@ -142,7 +142,7 @@ def prepare(name: str, spec: dict, args, work: Path, on_gpu: bool) -> dict:
             rows = read_jsonl(path)
             n_eval = min(100, len(rows) // 6)
             train, dev = rows[:len(rows) - n_eval], rows[len(rows) - n_eval:]
-        train = capped(train, spec, args.steps)
+        train, job["steps"] = capped(train, spec, args.steps)
         job["train_file"] = write_jsonl(wdir / "train.jsonl", train)
         job["eval_file"] = write_jsonl(wdir / "eval.jsonl", dev)
         job["n_train"], job["n_eval"] = len(train), len(dev)
@@ -172,25 +172,30 @@ def prepare(name: str, spec: dict, args, work: Path, on_gpu: bool) -> dict:
     random.Random(0).shuffle(rows)
     n_eval = min(spec.get("n_eval", 200), len(rows) // 10)
     train, dev = rows[:len(rows) - n_eval][:spec.get("n_train")], rows[len(rows) - n_eval:]
-    train = capped(train, spec, args.steps)
+    train, job["steps"] = capped(train, spec, args.steps)
     job["train_file"] = write_jsonl(wdir / "train.jsonl", train)
     job["eval_file"] = write_jsonl(wdir / "eval.jsonl", dev)
     job["n_train"], job["n_eval"] = len(train), len(dev)
-    total = args.steps or math.ceil(len(train) / spec["batch_size"]) * spec["epochs"]
+    total = job["steps"] or math.ceil(len(train) / spec["batch_size"]) * spec["epochs"]
     job["warmup_steps"] = math.ceil(total * WARMUP_RATIO_LM)
     job["model_dir"] = str(pretrained_lm(spec["model"]) if spec["model"] in PRETRAINED_LMS
                            else save_llama(wdir / "model", spec, train, on_gpu))
     return job
 
 
-def capped(train: list[dict], spec: dict, steps: int) -> list[dict]:
-    """Under --steps N, the rows of N optimizer steps: every side then trains the same
-    rows for whole epochs, in its own order. (Capping steps alone would not: Trainer's
-    length grouping starts with its longest batch, so its first N steps see longer rows
-    than a random draw.)"""
+def capped(train: list[dict], spec: dict, steps: int) -> tuple[list[dict], int]:
+    """Under --steps N, the rows of N optimizer steps, and the step cap both sides get.
+
+    Every side then trains the same rows for whole epochs, in its own order. (Capping
+    steps alone would not: Trainer's length grouping starts with its longest batch, so
+    its first N steps see longer rows than a random draw.) Where the workload has fewer
+    rows than N steps take, the cap is the steps of its epochs: past them each side
+    would start another epoch in its own order, and train other rows than the other.
+    """
     if not steps:
-        return train
-    return train[:math.ceil(steps / spec["epochs"]) * spec["batch_size"]]
+        return train, 0
+    rows = train[:math.ceil(steps / spec["epochs"]) * spec["batch_size"]]
+    return rows, min(steps, math.ceil(len(rows) / spec["batch_size"]) * spec["epochs"])
 
 
 def pretrained_lm(name: str) -> Path:
@@ -414,12 +419,62 @@ def _finish(measure: Measure, **figures) -> dict:
     return out
 
 
-def _timed(real_train, measures: list, lm: bool):
-    """core.loop.train as the script calls it, timed and metered; one Measure per call."""
+class StepProfile:
+    """torch.profiler over training steps 6 to 8 (the first ones pay for warm-up), stepped
+    where each step begins; `finish` writes the operator table and, on a GPU, the share of
+    the step the kernels kept the device busy."""
+
+    def __init__(self, path: str):
+        import torch
+        self.torch, self.path, self.cuda = torch, Path(path), torch.cuda.is_available()
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        acts += [torch.profiler.ProfilerActivity.CUDA] if self.cuda else []
+        self.prof = torch.profiler.profile(
+            activities=acts, schedule=torch.profiler.schedule(wait=5, warmup=1, active=3))
+
+    def start(self) -> None:
+        self.prof.start()
+
+    def step(self) -> None:
+        """A training step begins."""
+        self.prof.step()
+
+    def wrap(self, fn):
+        def stepped(*args, **kwargs):
+            self.step()
+            return fn(*args, **kwargs)
+        return stepped
+
+    def finish(self) -> None:
+        from torch.autograd import DeviceType
+        self.prof.stop()
+        events = self.prof.key_averages()
+        # The host's step ranges (their GPU-side copies are annotations, not work).
+        steps = [e for e in events if e.key.startswith("ProfilerStep")
+                 and e.device_type == DeviceType.CPU]
+        n = sum(e.count for e in steps) or 1
+        wall_us = sum(e.cpu_time_total for e in steps)
+        # Device busy time: the kernels themselves, as the table's percentages count them.
+        busy_us = sum(e.self_device_time_total for e in events
+                      if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+        head = (f"{n} profiled steps, {wall_us / n / 1e3:.1f} ms each on the host clock"
+                + (f"; kernels busy {busy_us / n / 1e3:.1f} ms a step "
+                   f"({busy_us / max(wall_us, 1):.0%} of it)" if self.cuda else ""))
+        key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        self.path.write_text(head + "\n" + events.table(sort_by=key, row_limit=45) + "\n")
+
+
+def _timed(real_train, measures: list, lm: bool, profile: str | None = None):
+    """core.loop.train as the script calls it, timed and metered; one Measure per call.
+    With `profile`, its steps 6-8 under torch.profiler, the table written there."""
     import core.checkpoint
     def timed_train(model, task, data, cfg, accelerator, out_dir, *rest, **kwargs):
         measure = Measure(model, lm)
         measures.append(measure)
+        if profile:
+            prof = StepProfile(profile)
+            task.loss_sum = prof.wrap(task.loss_sum)
+            prof.start()
         if lm:
             count = task.count
 
@@ -437,6 +492,8 @@ def _timed(real_train, measures: list, lm: bool):
         finally:
             core.checkpoint.save = save
         measure.stop()
+        if profile:
+            prof.finish()
         return result
     return timed_train
 
@@ -463,7 +520,7 @@ def rawtune_cls(job: dict) -> dict:
     import core.loop
     import train_cls
     measures = []
-    train_cls.train = _timed(core.loop.train, measures, lm=False)
+    train_cls.train = _timed(core.loop.train, measures, lm=False, profile=job.get("profile"))
     argv = common_flags(job) + ["--text-column", "text", "--label-column", "label"]
     if train_cls.main(argv) != 0:
         raise RuntimeError("train_cls.main failed")
@@ -481,7 +538,7 @@ def rawtune_lm(job: dict) -> dict:
         raise Skip(f"train_lora / tasks.instruct not importable ({err})") from None
     import core.loop
     measures = []
-    train_lora.train = _timed(core.loop.train, measures, lm=True)
+    train_lora.train = _timed(core.loop.train, measures, lm=True, profile=job.get("profile"))
     argv = common_flags(job) + [
         "--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["lora_alpha"]),
         "--lora-dropout", str(LORA["lora_dropout"]), "--target-modules", *LORA["target_modules"]]
@@ -522,12 +579,25 @@ def _trainer_args(job: dict, **kw):
     return TrainingArguments(**{**settings, **kw, **extra})  # --trainer-arg wins
 
 
-def _train_peer(trainer, model, lm: bool):
+def _train_peer(trainer, model, lm: bool, profile: str | None = None):
+    """trainer.train() timed and metered; with `profile`, its steps 6-8 profiled as
+    rawtune's are (stepped where each optimizer step begins)."""
+    from transformers import TrainerCallback
     measure = Measure(model, lm)
     trainer._save_checkpoint = measure.checkpointing(trainer._save_checkpoint)
+    if profile:
+        prof = StepProfile(profile)
+
+        class Stepping(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                prof.step()
+        trainer.add_callback(Stepping())
+        prof.start()
     measure.start()
     output = trainer.train()
     measure.stop()
+    if profile:
+        prof.finish()
     return measure, output
 
 
@@ -550,7 +620,7 @@ def trainer_cls(job: dict) -> dict:
     dev = dev.map(encode, batched=True, remove_columns=["text"])
     trainer = Trainer(model=model, args=_trainer_args(job), train_dataset=train,
                       data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
-    measure, output = _train_peer(trainer, model, lm=False)
+    measure, output = _train_peer(trainer, model, lm=False, profile=job.get("profile"))
     pred = trainer.predict(dev)
     logits = torch.tensor(pred.predictions).float()
     labels = torch.tensor(pred.label_ids)
@@ -597,7 +667,7 @@ def trainer_lm(job: dict) -> dict:
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     trainer = Trainer(model=model, args=_trainer_args(job), train_dataset=train,
                       data_collator=collator, processing_class=tokenizer)
-    measure, output = _train_peer(trainer, model, lm=True)
+    measure, output = _train_peer(trainer, model, lm=True, profile=job.get("profile"))
     model.eval()
     from core.collate import pad_batch
     scores = evaluate_lm(model, eval_rows, lambda b: pad_batch(b, tokenizer.pad_token_id),
@@ -730,7 +800,7 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | {why} | | | | | | | | | | | | | |")
             continue
         s = w["summary"]
-        for side in SIDES:
+        for side in w["runs"]:
             if side not in s:
                 why = next((r.get("skipped") or r.get("error") for r in w["runs"][side]), "?")
                 lines.append(f"| {name} | {SIDE_NAMES[side]}: {why} | | | | | | | | | | | | | |")
@@ -780,6 +850,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--trainer-arg", action="append", default=[],
                         help="extra TrainingArguments KEY=VALUE for both peer runs, e.g. "
                              "dataloader_num_workers=1")
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
+                        help="which sides run (default: all three; the ratio needs rawtune "
+                             "and a Trainer side)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed runs, one more run of each side with steps 6-8 "
+                             "under torch.profiler; tables in OUT/profile-NAME-SIDE.txt")
     parser.add_argument("--keep-work", action="store_true", help="keep the scratch folder")
     parser.add_argument("--note", default="", help="a line written at the top of results.md")
     return parser.parse_args(argv)
@@ -804,11 +880,10 @@ def meta(args, argv: list[str] | None, on_gpu: bool, cpu_peaks: dict) -> dict:
 
 def run_workload(name: str, job: dict, args, work: Path, on_gpu: bool, peak: float) -> dict:
     """Every side, `--repeats` times, alternated; the runs, their summary and ratios."""
-    runs = {side: [] for side in SIDES}
-    extras = {"rawtune": args.rawtune_arg, "trainer": args.trainer_arg,
-              "trainer-grouped": args.trainer_arg}
+    runs = {side: [] for side in args.sides}
+    extras = side_args(args)
     for rep in range(args.repeats):
-        for side in SIDES:
+        for side in args.sides:
             result = run_side(job, side, extras[side], work / name, f"{side}-{rep}")
             runs[side].append(result)
             print(f"[{name}] {side} #{rep + 1}: " + (
@@ -818,6 +893,8 @@ def run_workload(name: str, job: dict, args, work: Path, on_gpu: bool, peak: flo
                 if "samples_per_s" in result else
                 f"skipped: {result['skipped']}" if "skipped" in result else
                 f"FAILED {result['error']}\n  " + "\n  ".join(result["log_tail"])), flush=True)
+    if args.profile:
+        profile(name, job, args, work)
     summary = summarise(runs, on_gpu, peak)
     if "ratio" in summary:
         ratio = summary["ratio"]
@@ -830,6 +907,25 @@ def run_workload(name: str, job: dict, args, work: Path, on_gpu: bool, peak: flo
                  "rawtune_args": args.rawtune_arg, "trainer_args": args.trainer_arg}
     return {"settings": settings, "data_note": job.get("data_note"), "runs": runs,
             "summary": summary}
+
+
+def side_args(args) -> dict[str, list[str]]:
+    """Each side's extra arguments: rawtune's flags, or both peers' TrainingArguments."""
+    return {"rawtune": args.rawtune_arg, "trainer": args.trainer_arg,
+            "trainer-grouped": args.trainer_arg}
+
+
+def profile(name: str, job: dict, args, work: Path) -> None:
+    """One more run of each side, outside the figures, with steps 6 to 8 under
+    torch.profiler: their operator tables go to OUT/profile-NAME-SIDE.txt."""
+    extras = side_args(args)
+    for side in args.sides:
+        table = Path(args.out) / f"profile-{name}-{side}.txt"
+        table.parent.mkdir(parents=True, exist_ok=True)
+        result = run_side({**job, "profile": str(table)}, side, extras[side], work / name,
+                          f"{side}-profile")
+        print(f"[{name}] {side} profile: " + (str(table) if table.exists() else
+                                              f"FAILED {result.get('error')}"), flush=True)
 
 
 def report(results: dict, out: Path) -> int:

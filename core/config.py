@@ -75,8 +75,9 @@ class TrainConfig:
                                            "eager (plain matrix products) or flash_attention_2 "
                                            "(needs the flash-attn package and a GPU)",
                                     choices=["sdpa", "eager", "flash_attention_2"])
-    compile: bool = opt(False, "torch.compile the model: the first steps (and evaluation) wait "
-                               "while it compiles; later steps are faster, mostly on a GPU")
+    compile: bool = opt(False, "torch.compile each transformer block in place: the first steps "
+                               "(and evaluation) wait while it compiles; later steps launch "
+                               "fewer kernels, which pays where a GPU waits on the host")
     fsdp: bool = opt(False, "shard weights, gradients and optimizer state across the launched "
                             "processes (FSDP2, one unit per transformer block) instead of a "
                             "whole copy per process: for models that outgrow one device")

@@ -57,6 +57,7 @@ import torch
 from core import checkpoint, host_memory, init_from, parallel
 from core.batching import train_batches
 from core.best import BestKeeper
+from core.compiling import compile_model
 from core.config import TrainConfig
 from core.errors import UsageError
 from core.flops import StepFlops, peak_tflops
@@ -183,7 +184,7 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
     optimizer = build_adamw(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
                             cfg.adam_eps)
     if cfg.compile:
-        model.compile()  # in place: state_dict keys, checkpoints and saving are unchanged
+        compile_model(model)  # block by block, in place (core/compiling.py)
     # prepare() wraps the model for data parallelism and autocast, and the optimizer
     # for the fp16 gradient scaler. The schedule stays ours: see set_lr below.
     if cfg.fsdp:  # FSDP is the model's parallel wrapper, its mixed-precision policy autocast

@@ -63,7 +63,11 @@ def target_loss_sum(model: torch.nn.Module, head: torch.nn.Module | None,
     back to full logits.
     """
     labels = batch["labels"]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    # No key/value cache: training and scoring read each position once, and a cache
+    # would copy every layer's keys and values (under --compile, it also makes each
+    # layer a graph of its own, past the compiler's limit).
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "use_cache": False}
     if head is None:
         return token_loss_sum(model(**inputs).logits, labels)
     keep = labels[:, 1:] != IGNORE  # position t predicts token t + 1
