@@ -184,18 +184,19 @@ def prepare(name: str, spec: dict, args, work: Path, on_gpu: bool) -> dict:
 
 
 def capped(train: list[dict], spec: dict, steps: int) -> tuple[list[dict], int]:
-    """Under --steps N, the rows of N optimizer steps, and the step cap both sides get.
+    """Under --steps N, the rows of N optimizer steps, and the step cap both sides get:
+    the steps of whole epochs over those rows (N, or a little more where N is not a
+    multiple of the epochs; fewer where the workload has fewer rows).
 
-    Every side then trains the same rows for whole epochs, in its own order. (Capping
-    steps alone would not: Trainer's length grouping starts with its longest batch, so
-    its first N steps see longer rows than a random draw.) Where the workload has fewer
-    rows than N steps take, the cap is the steps of its epochs: past them each side
-    would start another epoch in its own order, and train other rows than the other.
+    Every side then trains the same rows, each in its own order. (Capping steps alone
+    would not: Trainer's length grouping starts with its longest batch, so its first N
+    steps see longer rows than a random draw; and a part epoch, or one past the rows,
+    would be a different part for each side.)
     """
     if not steps:
         return train, 0
     rows = train[:math.ceil(steps / spec["epochs"]) * spec["batch_size"]]
-    return rows, min(steps, math.ceil(len(rows) / spec["batch_size"]) * spec["epochs"])
+    return rows, math.ceil(len(rows) / spec["batch_size"]) * spec["epochs"]
 
 
 def pretrained_lm(name: str) -> Path:
@@ -420,9 +421,10 @@ def _finish(measure: Measure, **figures) -> dict:
 
 
 class StepProfile:
-    """torch.profiler over training steps 6 to 8 (the first ones pay for warm-up), stepped
-    where each step begins; `finish` writes the operator table and, on a GPU, the share of
-    the step the kernels kept the device busy."""
+    """torch.profiler over training steps 6 to 8 (the first ones pay for warm-up), once,
+    stepped where each step begins (rawtune's at each forward-and-loss call: the
+    benchmark runs no gradient accumulation); `finish` writes the operator table and, on
+    a GPU, the share of the step the kernels kept the device busy."""
 
     def __init__(self, path: str):
         import torch
@@ -430,7 +432,8 @@ class StepProfile:
         acts = [torch.profiler.ProfilerActivity.CPU]
         acts += [torch.profiler.ProfilerActivity.CUDA] if self.cuda else []
         self.prof = torch.profiler.profile(
-            activities=acts, schedule=torch.profiler.schedule(wait=5, warmup=1, active=3))
+            activities=acts,
+            schedule=torch.profiler.schedule(wait=5, warmup=1, active=3, repeat=1))
 
     def start(self) -> None:
         self.prof.start()
@@ -448,11 +451,17 @@ class StepProfile:
     def finish(self) -> None:
         from torch.autograd import DeviceType
         self.prof.stop()
+        if self.prof.profiler is None:  # the run ended before step 5's warm-up
+            self.path.write_text("nothing profiled: the run ended before step 6\n")
+            return
         events = self.prof.key_averages()
         # The host's step ranges (their GPU-side copies are annotations, not work).
         steps = [e for e in events if e.key.startswith("ProfilerStep")
                  and e.device_type == DeviceType.CPU]
-        n = sum(e.count for e in steps) or 1
+        n = sum(e.count for e in steps)
+        if not n:
+            self.path.write_text("nothing profiled: the run ended before step 6\n")
+            return
         wall_us = sum(e.cpu_time_total for e in steps)
         # Device busy time: the kernels themselves, as the table's percentages count them.
         busy_us = sum(e.self_device_time_total for e in events
@@ -902,7 +911,7 @@ def run_workload(name: str, job: dict, args, work: Path, on_gpu: bool, peak: flo
               f"{ratio['measure'].replace('_', ' ')} {ratio['speed']:.2f}x "
               f"(pairs {ratio['per_pair']}), peak memory {ratio['peak_memory']:.2f}x", flush=True)
     settings = {k: job[k] for k in ("model", "lr", "batch_size", "epochs", "max_length",
-                                    "weight_decay", "n_train", "n_eval") if k in job}
+                                    "weight_decay", "n_train", "n_eval", "steps") if k in job}
     settings |= {"mixed_precision": job.get("mixed_precision", "no"),
                  "rawtune_args": args.rawtune_arg, "trainer_args": args.trainer_arg}
     return {"settings": settings, "data_note": job.get("data_note"), "runs": runs,
@@ -922,10 +931,11 @@ def profile(name: str, job: dict, args, work: Path) -> None:
     for side in args.sides:
         table = Path(args.out) / f"profile-{name}-{side}.txt"
         table.parent.mkdir(parents=True, exist_ok=True)
+        table.unlink(missing_ok=True)  # an earlier run's table would pass for this one's
         result = run_side({**job, "profile": str(table)}, side, extras[side], work / name,
                           f"{side}-profile")
-        print(f"[{name}] {side} profile: " + (str(table) if table.exists() else
-                                              f"FAILED {result.get('error')}"), flush=True)
+        print(f"[{name}] {side} profile: " + (str(table) if "error" not in result else
+                                              f"FAILED {result['error']}"), flush=True)
 
 
 def report(results: dict, out: Path) -> int:
@@ -946,6 +956,7 @@ def report(results: dict, out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.sides = list(dict.fromkeys(args.sides))  # each once, in the order given
     if args.child:
         return child(args.child)
     import torch

@@ -149,9 +149,13 @@ class ClassificationTask:
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         return pad_batch(rows, self.pad_id, self.pad_multiple)
 
-    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The batch's tensors the model takes (not the labels: the loss is ours)."""
-        return {key: value for key, value in batch.items() if key in self.model_inputs}
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The batch's tensors the model takes (not the labels: the loss is ours), and
+        no key/value cache where the model would build one (a decoder's last-token
+        classifier): nothing reads it, and under --compile it makes each layer a graph."""
+        inputs: dict[str, Any] = {key: value for key, value in batch.items()
+                                  if key in self.model_inputs}
+        return inputs | ({"use_cache": False} if "use_cache" in self.model_inputs else {})
 
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.tensor(len(batch["labels"]), device=batch["labels"].device)

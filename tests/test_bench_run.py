@@ -91,12 +91,14 @@ def test_sides_chooses_who_runs(tmp_path, monkeypatch):
     assert "HF Trainer (default sampler)" not in md
 
 
-def test_a_step_cap_past_the_rows_stops_where_their_epochs_end():
+def test_a_step_cap_trains_whole_epochs_of_the_same_rows():
     # 500 rows are 32 steps of 16: a cap of 40 would send both sides into a second
     # epoch, each in its own order, so they would train different rows.
+    # Likewise a part epoch: 10 steps over 4 epochs are 3 steps of rows, 12 steps.
     rows = [{"text": str(i)} for i in range(4000)]
     assert [(len(r), s) for r, s in [run.capped(rows[:500], {"batch_size": 16, "epochs": 1}, 40),
                                      run.capped(rows, {"batch_size": 16, "epochs": 1}, 40),
                                      run.capped(rows, {"batch_size": 16, "epochs": 4}, 40),
+                                     run.capped(rows, {"batch_size": 16, "epochs": 4}, 10),
                                      run.capped(rows, {"batch_size": 16, "epochs": 1}, 0)]] \
-        == [(500, 32), (640, 40), (160, 40), (4000, 0)]
+        == [(500, 32), (640, 40), (160, 40), (48, 12), (4000, 0)]

@@ -92,3 +92,22 @@ def test_compiled_lora_layers_stay_compiled_across_lengths(tmp_path, monkeypatch
     assert 1 <= counters["frames"]["total"] <= 3 < LAYERS
     assert losses == pytest.approx(eager_losses, rel=1e-4)
     assert compiled["eval"]["loss"] == pytest.approx(eager["eval"]["loss"], rel=1e-4)
+
+
+def test_a_decoder_classifier_builds_no_cache_but_an_encoder_is_not_asked():
+    # A last-token classifier (Llama) would build a key/value cache nobody reads, and
+    # under --compile one graph per layer; DistilBERT's forward takes no such argument.
+    from transformers import LlamaForSequenceClassification
+
+    from core.demo import tiny_llama_config
+    from tasks.classification import forward_inputs
+    config = tiny_llama_config(97)
+    config.num_labels, config.pad_token_id = 2, 0
+    batch = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3),
+             "labels": torch.tensor([1])}
+    for model, given in ((LlamaForSequenceClassification(config), {"use_cache": False}),
+                         (tiny_model(), {})):
+        task = ClassificationTask([], PAD, 4, LABELS, None, 1, forward_inputs(model))
+        inputs = task._inputs(batch)
+        assert {k: v for k, v in inputs.items() if k == "use_cache"} == given
+        assert set(inputs) - {"use_cache"} == {"input_ids", "attention_mask"}
