@@ -428,7 +428,7 @@ class StepProfile:
 
     def __init__(self, path: str):
         import torch
-        self.torch, self.path, self.cuda = torch, Path(path), torch.cuda.is_available()
+        self.path, self.cuda = Path(path), torch.cuda.is_available()
         acts = [torch.profiler.ProfilerActivity.CPU]
         acts += [torch.profiler.ProfilerActivity.CUDA] if self.cuda else []
         self.prof = torch.profiler.profile(
@@ -867,7 +867,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "under torch.profiler; tables in OUT/profile-NAME-SIDE.txt")
     parser.add_argument("--keep-work", action="store_true", help="keep the scratch folder")
     parser.add_argument("--note", default="", help="a line written at the top of results.md")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.sides = list(dict.fromkeys(args.sides))  # each once, in the order given
+    return args
 
 
 def meta(args, argv: list[str] | None, on_gpu: bool, cpu_peaks: dict) -> dict:
@@ -956,7 +958,6 @@ def report(results: dict, out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.sides = list(dict.fromkeys(args.sides))  # each once, in the order given
     if args.child:
         return child(args.child)
     import torch

@@ -14,18 +14,22 @@ from tests.test_cls_loss_contract import EVAL_ROWS, LABELS, PAD, make_rows, tiny
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def trained(model, task, rows: list[dict], batch_size: int, compile_: bool, out):
+    """4 steps of core.loop.train, eager or compiled: its result and each step's loss."""
+    cfg = TrainConfig(model="tiny", batch_size=batch_size, max_steps=4, lr=1e-3, seed=0,
+                      group_by_length=False, compile=compile_)
+    out.mkdir()
+    result = train(model, task, TrainData(rows, task.collate), cfg, task.accelerator, out)
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return result, [r["loss"] for r in records if r["type"] == "train"]
+
+
 def run(tmp_path, compile_: bool):
-    model, accelerator = tiny_model(), Accelerator(cpu=True)
-    task = ClassificationTask(EVAL_ROWS, PAD, 8, LABELS, accelerator)
+    model = tiny_model()
+    task = ClassificationTask(EVAL_ROWS, PAD, 8, LABELS, Accelerator(cpu=True))
     # Every row as long as the next: one batch shape, so one compilation.
     rows = make_rows(24, seed=1, min_len=16, max_len=16)
-    cfg = TrainConfig(model="tiny", batch_size=8, max_steps=4, lr=1e-3, seed=0,
-                      group_by_length=False, compile=compile_)
-    out = tmp_path / f"compile-{compile_}"
-    out.mkdir()
-    result = train(model, task, TrainData(rows, task.collate), cfg, accelerator, out)
-    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    return result, [r["loss"] for r in records if r["type"] == "train"], model
+    return *trained(model, task, rows, 8, compile_, tmp_path / f"compile-{compile_}"), model
 
 
 def test_compiled_model_trains_like_the_eager_one(tmp_path):
@@ -33,7 +37,7 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path):
     eager, eager_losses, eager_model = run(tmp_path, False)
     counters.clear()
     compiled, losses, model = run(tmp_path, True)
-    # Block by block: each layer compiled in place, and one graph serves both layers.
+    # Block by block: each layer compiled in place, the rest of the model not.
     layers = model.distilbert.transformer.layer
     assert all(layer._compiled_call_impl is not None for layer in layers)
     assert model._compiled_call_impl is None  # embeddings and head stay eager
@@ -63,15 +67,9 @@ def lora_run(tmp_path, compile_: bool):
     config.num_hidden_layers = LAYERS
     model = get_peft_model(AutoModelForCausalLM.from_config(config),
                            LoraConfig(r=4, target_modules=TARGETS, lora_dropout=0.0))
-    accelerator = Accelerator(cpu=True)
-    task = CausalLMTask(rows(8, seed=1), pad_id=0, eval_batch_size=8, accelerator=accelerator)
-    cfg = TrainConfig(model="tiny", batch_size=4, max_steps=4, lr=1e-3, seed=0,
-                      group_by_length=False, compile=compile_)
-    out = tmp_path / f"lora-compile-{compile_}"
-    out.mkdir()
-    result = train(model, task, TrainData(rows(16), task.collate), cfg, accelerator, out)
-    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    return result, [r["loss"] for r in records if r["type"] == "train"]
+    task = CausalLMTask(rows(8, seed=1), pad_id=0, eval_batch_size=8,
+                        accelerator=Accelerator(cpu=True))
+    return trained(model, task, rows(16), 4, compile_, tmp_path / f"lora-compile-{compile_}")
 
 
 def test_compiled_lora_layers_stay_compiled_across_lengths(tmp_path, monkeypatch):
