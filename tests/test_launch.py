@@ -347,6 +347,18 @@ def test_accelerate_launch_starts_one_run_of_two_processes(tmp_path):
 
 # --- refusals --------------------------------------------------------------------------
 
+def test_a_launched_rank_leaves_with_its_code_and_without_the_interpreters_teardown():
+    # That teardown can abort a rank whose FSDP group outlives destroy_process_group.
+    code = ("import atexit; from core.errors import run_cli; atexit.register(print, 'teardown'); "
+            "print('trained', end=''); run_cli(lambda argv: 3)")
+    def run(extra: dict) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], env={**env(), **extra}, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    launched, alone = run({"LOCAL_RANK": "0"}), run({})
+    assert (launched.returncode, launched.stdout) == (3, "trained")  # flushed, no teardown
+    assert (alone.returncode, alone.stdout) == (0, "trainedteardown\n")
+
+
 def test_a_launched_process_that_would_train_alone_refuses(tmp_path):
     # WORLD_SIZE without the rest of torchrun's environment: no group can be joined.
     proc = subprocess.run(command("train_cls.py", 1) + ["--demo", "--output-dir",
