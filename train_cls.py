@@ -20,7 +20,8 @@ from core.data import load_split, require_columns, take
 from core.demo import data_file, tiny_distilbert_config, wordpiece_tokenizer
 from core.errors import fail, run_cli
 from core.loop import TrainData, plan_steps, train
-from core.parallel import Agreement, check_fsdp, gathered_weights, make_accelerator
+from core.parallel import (Agreement, check_fsdp, gathered_weights, leave,
+                           make_accelerator)
 from core.pretrained import check_max_length, load_pretrained
 from core.trackers import Trackers
 from eval.classification import plot_confusion_matrix
@@ -222,7 +223,7 @@ def write_outputs(out_dir: Path, result: dict, task: ClassificationTask, labels,
 
 def cli() -> int:
     """The `rawtune-cls` console script."""
-    return run_cli(main)
+    return leave(run_cli(main))
 
 
 if __name__ == "__main__":

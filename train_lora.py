@@ -31,7 +31,8 @@ from core.config import parse_config
 from core.demo import data_file
 from core.errors import fail, run_cli
 from core.loop import TrainData, plan_steps, train
-from core.parallel import Agreement, check_fsdp, gathered_weights, make_accelerator
+from core.parallel import (Agreement, check_fsdp, gathered_weights, leave,
+                           make_accelerator)
 from core.trackers import Trackers
 from eval.generate import load_adapted
 from eval.preview import print_first, write_preview
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> int:
     """The `rawtune-lora` console script."""
-    return run_cli(main)
+    return leave(run_cli(main))
 
 
 if __name__ == "__main__":

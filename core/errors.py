@@ -7,7 +7,6 @@ single line. Programming errors still raise normally: they are ours to fix.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from typing import Callable
@@ -24,28 +23,9 @@ def fail(what: str, fix: str) -> UsageError:
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     try:
-        code = main(argv)
+        return main(argv)
     except UsageError as err:
         # Every rank of a launched job meets the same error (core.parallel.Agreement): one says it.
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
-        code = getattr(err, "code", 2)  # a deliberate stop (core.loop.Stopped) sets its own
-    if "LOCAL_RANK" in os.environ:  # started by torchrun or accelerate launch
-        leave_launched_rank(code)
-    return code
-
-
-def leave_launched_rank(code: int) -> None:
-    """End a launched process with `code` now, skipping the interpreter's teardown.
-
-    `destroy_process_group` unregisters the group, but its gloo backend and that backend's
-    threads live on while anything refers to it, and under FSDP torch's DTensor caches refer
-    to the device mesh, so to the group, until Python tears its modules down. Destroyed that
-    late, the backend can abort the process ("terminate called without an active exception",
-    about one 2-process FSDP run in ten here), turning a finished run into a failed job. By
-    now every file of the run is written, synced and closed; only the streams need flushing.
-    """
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        return getattr(err, "code", 2)  # a deliberate stop (core.loop.Stopped) sets its own

@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from core.parallel import leave  # noqa: E402
+
 N_TRAIN, N_EVAL, VOCAB = 48, 37, 64  # 37 eval rows: a world of 2 cannot split them evenly
 PAD, BOS, EOS = 0, 1, 2  # the LM rows' special ids; content ids are 3..VOCAB-1
 IGNORE = -100
@@ -242,9 +244,4 @@ def run_task(name: str, out: Path, args, accelerator, signal_rank: int | None) -
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    # Skip C++ teardown: with gloo, torch 2.13 intermittently aborts a rank there
-    # ("terminate called without an active exception") after a clean end_training().
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)
+    sys.exit(leave(main()))  # as the scripts end: a launched rank skips Python's teardown

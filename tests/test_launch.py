@@ -349,8 +349,8 @@ def test_accelerate_launch_starts_one_run_of_two_processes(tmp_path):
 
 def test_a_launched_rank_leaves_with_its_code_and_without_the_interpreters_teardown():
     # That teardown can abort a rank whose FSDP group outlives destroy_process_group.
-    code = ("import atexit; from core.errors import run_cli; atexit.register(print, 'teardown'); "
-            "print('trained', end=''); run_cli(lambda argv: 3)")
+    code = ("import atexit; from core.parallel import leave; atexit.register(print, 'teardown'); "
+            "print('trained', end=''); leave(3)")
     def run(extra: dict) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", code], env={**env(), **extra}, cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
