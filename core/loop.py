@@ -59,6 +59,7 @@ from core.batching import train_batches
 from core.best import BestKeeper
 from core.compiling import compile_model
 from core.config import TrainConfig
+from core.dropout import use_lane_dropout
 from core.errors import UsageError
 from core.flops import StepFlops, peak_tflops
 from core.optim import build_adamw, lr_factor, set_lr, warmup_steps_for
@@ -173,6 +174,8 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
     device, ckpt_root = accelerator.device, out_dir / "checkpoints"
     if device.type == "cpu" and cfg.return_cpu_memory:
         host_memory.map_large_blocks()
+    if device.type == "cpu" and cfg.lane_dropout and not cfg.compile:
+        use_lane_dropout(model)  # cheaper masks, same distribution (core/dropout.py)
     # Counted before prepare(): a data-parallel wrapper hides the model's config.
     flops = StepFlops(model)
     # Names and (global) shapes, sharded or not, and whether only adapters train.

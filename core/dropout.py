@@ -1,0 +1,62 @@
+"""Dropout masks from a quarter of the random draws, for training on a CPU.
+
+On a CPU, `nn.Dropout` draws one random number per element from the generator, one
+element at a time, and that draw can cost more than the layer it follows: profiled
+on the LoRA benchmark, the Bernoulli masks of LoRA's dropout took about a quarter of
+a training step, for Trainer and rawtune alike. A mask needs far fewer random bits
+than that. `LaneDropout` cuts each 64-bit random word into four 16-bit lanes, one
+lane an element, and keeps an element when its lane is at or above p's share of the
+65,536 lane values: masks of the same Bernoulli distribution (other draws, so a seed
+gives other masks than nn.Dropout's), with p rounded to a multiple of 1/65536 (0.05
+becomes 0.050003) and the kept elements scaled by 1 / (1 - that p), so every element
+keeps its expected value. The words come from torch's default generator, so `--seed`
+and a checkpoint's saved generator state make the masks repeat run after run.
+
+On a GPU, torch's dropout is already one fused kernel with its own generator; there,
+and under --compile (whose kernels fuse the draws too), `nn.Dropout` stays.
+"""
+
+import torch
+from torch import nn
+
+LANES = 65536  # the values of one 16-bit lane
+
+
+class LaneDropout(nn.Module):
+    """`nn.Dropout(p)` with masks cut from 64-bit random words, 16 bits an element."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.dropped = round(p * LANES)  # how many lane values drop an element
+        if not 0 <= self.dropped < LANES:
+            raise ValueError(f"LaneDropout needs 0 <= p < 1 - 1/{2 * LANES}, got {p}")
+        self.scale = LANES / (LANES - self.dropped)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.dropped == 0:
+            return x
+        # Four 16-bit lanes a word: view the words as int16, whose values run -32768..32767.
+        words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
+        lanes = words.random_(-2**63, None).view(torch.int16)[:x.numel()].view(x.shape)
+        return torch.where(lanes >= self.dropped - LANES // 2, x * self.scale, 0.0)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_lane_dropout(model: nn.Module) -> int:
+    """Swap each `nn.Dropout` of `model` for a LaneDropout of its p; how many were swapped.
+
+    Left as they are: dropout applied as a function inside a layer (attention dropout),
+    an in-place one (its caller may rely on the input changing), and a p that lanes
+    would round to 0 or 1 (below 1/131072 or that close to 1).
+    """
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (type(child) is nn.Dropout and not child.inplace
+                    and 0 < round(child.p * LANES) < LANES):
+                setattr(parent, name, LaneDropout(child.p))
+                swapped += 1
+    return swapped
