@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bench.run import LLAMA_SMALL, LORA
+from bench.run import BPE_VOCAB, LLAMA_SMALL, LORA
 from core.dropout import use_lane_dropout
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=256, help="tokens a row")
     args = parser.parse_args()
-    vocab = 8000  # the workload's tokenizer size
+    vocab = BPE_VOCAB  # the workload's tokenizer, at its full size
     models = dict(zip(("torch", "lanes"), lora_models(vocab)))
     batch = torch.randint(0, vocab, (args.batch, args.length),
                           generator=torch.Generator().manual_seed(0))

@@ -78,6 +78,7 @@ LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                             "down_proj"])
 WARMUP_RATIO_LM = 0.03  # train_lora.py's default, given to both sides as a step count
+BPE_VOCAB = 8000  # the byte-level BPE trained on the rows of the Llama workloads
 LLAMA_SMALL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=4)
 OPENLLAMA_3B = dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26,
@@ -217,7 +218,7 @@ def save_llama(out: Path, spec: dict, train: list[dict], on_gpu: bool) -> Path:
     from core.demo import bpe_tokenizer
     from tasks.instruct import ALPACA_WITH_INPUT
     texts = [ALPACA_WITH_INPUT] + [t for r in train for t in r.values() if isinstance(t, str) and t]
-    tokenizer = bpe_tokenizer(texts, vocab_size=8000, max_length=spec["max_length"])
+    tokenizer = bpe_tokenizer(texts, vocab_size=BPE_VOCAB, max_length=spec["max_length"])
     shape = LLAMA_SMALL if spec["model"] == "llama-small" else OPENLLAMA_3B
     config = LlamaConfig(**{"vocab_size": len(tokenizer), **shape},
                          max_position_embeddings=max(spec["max_length"], 2048),

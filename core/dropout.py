@@ -22,13 +22,18 @@ from torch import nn
 LANES = 65536  # the values of one 16-bit lane
 
 
+def dropped_lanes(p: float) -> int:
+    """How many of a lane's values drop an element: p rounded to a multiple of 1/LANES."""
+    return round(p * LANES)
+
+
 class LaneDropout(nn.Module):
     """`nn.Dropout(p)` with masks cut from 64-bit random words, 16 bits an element."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
-        self.dropped = round(p * LANES)  # how many lane values drop an element
+        self.dropped = dropped_lanes(p)
         if not 0 <= self.dropped < LANES:
             raise ValueError(f"LaneDropout needs 0 <= p < 1 - 1/{2 * LANES}, got {p}")
         self.scale = LANES / (LANES - self.dropped)
@@ -56,7 +61,7 @@ def use_lane_dropout(model: nn.Module) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if (type(child) is nn.Dropout and not child.inplace
-                    and 0 < round(child.p * LANES) < LANES):
+                    and 0 < dropped_lanes(child.p) < LANES):
                 setattr(parent, name, LaneDropout(child.p))
                 swapped += 1
     return swapped
