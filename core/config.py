@@ -86,7 +86,9 @@ class TrainConfig:
                                         "instead of growing by heap fragmentation")
     lane_dropout: bool = opt(True, "on a CPU without --compile: dropout masks cut 16 bits an "
                                    "element from 64-bit random words (a quarter of nn.Dropout's "
-                                   "random draws, p rounded to 1/65536; core/dropout.py)")
+                                   "random draws, p rounded to 1/65536; core/dropout.py), and "
+                                   "sdpa's attention dropout a few examples at a time, in cache "
+                                   "(core/attention.py)")
     peak_tflops: float | None = opt(None, "one device's peak in TFLOP/s, for MFU in the log "
                                           "(default: the dense bf16 peak of known GPUs)")
     seed: int = opt(42, "seed for data order, initialisation and dropout")

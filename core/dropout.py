@@ -27,6 +27,16 @@ def dropped_lanes(p: float) -> int:
     return round(p * LANES)
 
 
+def lane_keep(shape: torch.Size, dropped: int, device: torch.device) -> torch.Tensor:
+    """A boolean keep-mask of `shape`: each element kept unless its 16-bit lane is one of
+    the `dropped` lowest of the LANES values."""
+    numel = shape.numel()
+    # Four 16-bit lanes a word: view the words as int16, whose values run -32768..32767.
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
+    lanes = words.random_(-2**63, None).view(torch.int16)[:numel].view(shape)
+    return lanes >= dropped - LANES // 2
+
+
 class LaneDropout(nn.Module):
     """`nn.Dropout(p)` with masks cut from 64-bit random words, 16 bits an element."""
 
@@ -41,10 +51,7 @@ class LaneDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.dropped == 0:
             return x
-        # Four 16-bit lanes a word: view the words as int16, whose values run -32768..32767.
-        words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
-        lanes = words.random_(-2**63, None).view(torch.int16)[:x.numel()].view(x.shape)
-        return torch.where(lanes >= self.dropped - LANES // 2, x * self.scale, 0.0)
+        return torch.where(lane_keep(x.shape, self.dropped, x.device), x * self.scale, 0.0)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -53,7 +60,8 @@ class LaneDropout(nn.Module):
 def use_lane_dropout(model: nn.Module) -> int:
     """Swap each `nn.Dropout` of `model` for a LaneDropout of its p; how many were swapped.
 
-    Left as they are: dropout applied as a function inside a layer (attention dropout),
+    Left as they are: dropout applied as a function inside a layer (attention dropout:
+    `core.attention` draws sdpa's from lanes),
     an in-place one (its caller may rely on the input changing), and a p that lanes
     would round to 0 or 1 (below 1/131072 or that close to 1).
     """

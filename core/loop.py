@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 
 from core import checkpoint, host_memory, init_from, parallel
+from core.attention import use_lane_attention
 from core.batching import train_batches
 from core.best import BestKeeper
 from core.compiling import compile_model
@@ -176,6 +177,7 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
         host_memory.map_large_blocks()
     if device.type == "cpu" and cfg.lane_dropout and not cfg.compile:
         use_lane_dropout(model)  # cheaper masks, same distribution (core/dropout.py)
+        use_lane_attention(model)  # attention dropout a cache-sized chunk at a time
     # Counted before prepare(): a data-parallel wrapper hides the model's config.
     flops = StepFlops(model)
     # Names and (global) shapes, sharded or not, and whether only adapters train.

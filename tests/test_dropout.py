@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.dropout import LaneDropout, use_lane_dropout
+from core.dropout import LaneDropout, lane_keep, use_lane_dropout
 
 
 def masks(p: float, n: int = 1 << 20) -> torch.Tensor:
@@ -63,7 +63,8 @@ def test_swaps_every_dropout_module_of_a_lora_model():
 
 
 @pytest.mark.parametrize("lanes", [True, False])
-def test_the_loop_swaps_dropout_on_a_cpu_unless_told_not_to(lanes, tmp_path):
+def test_the_loop_swaps_dropout_and_attention_on_a_cpu_unless_told_not_to(lanes, tmp_path,
+                                                                          monkeypatch):
     from accelerate import Accelerator
     from transformers import AutoModelForSequenceClassification
 
@@ -78,18 +79,33 @@ def test_the_loop_swaps_dropout_on_a_cpu_unless_told_not_to(lanes, tmp_path):
     task = ClassificationTask(EVAL_ROWS, PAD, 8, LABELS, accelerator)
     flags = ["--model", "tiny", "--batch-size", "4", "--max-steps", "2", "--seed", "0"]
     cfg = parse_config(TrainConfig, flags + ([] if lanes else ["--no-lane-dropout"]), "test")
+    import core.attention
+    drawn = []  # attention masks drawn by core/attention.py's own lane_keep
+    monkeypatch.setattr(core.attention, "lane_keep", lambda *a: drawn.append(1) or lane_keep(*a))
     rows = make_rows(8, seed=1)
     loop.train(model, task, loop.TrainData(rows, task.collate, [len(r["input_ids"]) for r in rows]),
                cfg, accelerator, tmp_path)
     kinds = {type(m) for m in model.modules()} & {nn.Dropout, LaneDropout}
     assert kinds == ({LaneDropout} if lanes else {nn.Dropout})
+    from core.attention import NAME  # and sdpa's attention dropout, core/attention.py
+    assert model.config._attn_implementation == (NAME if lanes else "sdpa")
+    assert bool(drawn) == lanes
 
 
-def test_the_dropout_benchmark_times_both_masks_in_both_precisions(monkeypatch, capsys):
+@pytest.mark.parametrize("model", ["lora", "cls", "attention"])
+def test_the_dropout_benchmark_times_both_masks_in_both_precisions(model, monkeypatch, capsys):
     from bench import dropout
-    monkeypatch.setattr("sys.argv", ["bench.dropout", "--steps", "1", "--batch", "1",
-                                     "--length", "16"])
+    if model != "attention":  # the copy it times against torch's is what the loop makes
+        models, _ = dropout.both(model)
+        assert not any(type(m) is nn.Dropout for m in models["lanes"].modules())
+    if model == "cls":
+        from core.attention import NAME
+        assert models["lanes"].config._attn_implementation == NAME
+        assert models["torch"].config._attn_implementation == "sdpa"
+    monkeypatch.setattr("sys.argv", ["bench.dropout", "--model", model, "--steps", "1",
+                                     "--batch", "2", "--length", "16"])
     dropout.main()
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{model}: 2 x 16 tokens")
     assert [line.split(":")[0] for line in lines[1:]] == ["fp32", "bf16"]
     assert all("torch's dropout" in line and line.endswith("x") for line in lines[1:])
