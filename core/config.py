@@ -82,6 +82,7 @@ class TrainConfig:
                             "processes (FSDP2, one unit per transformer block) instead of a "
                             "whole copy per process: for models that outgrow one device")
     return_cpu_memory: bool = opt(True, "on a CPU (glibc): unmap freed blocks of 4 MiB or more "
+                                        "(or above the largest trained weight, up to 32 MiB) "
                                         "at once, so peak RSS stays near the live tensors "
                                         "instead of growing by heap fragmentation")
     lane_dropout: bool = opt(True, "on a CPU without --compile: dropout masks cut 16 bits an "

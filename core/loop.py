@@ -174,7 +174,7 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
 
     device, ckpt_root = accelerator.device, out_dir / "checkpoints"
     if device.type == "cpu" and cfg.return_cpu_memory:
-        host_memory.map_large_blocks()
+        host_memory.map_large_blocks(host_memory.threshold_for(model))
     if device.type == "cpu" and cfg.lane_dropout and not cfg.compile:
         use_lane_dropout(model)  # cheaper masks, same distribution (core/dropout.py)
         use_lane_attention(model)  # attention dropout a cache-sized chunk at a time
