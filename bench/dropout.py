@@ -47,7 +47,8 @@ def build(model: str) -> tuple[torch.nn.Module, int]:
     if model == "cls":
         from transformers import BertConfig, BertForSequenceClassification
         config = BertConfig(**MINILM, num_labels=2)
-        return BertForSequenceClassification._from_config(config, attn_implementation="sdpa"), config.vocab_size
+        model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa")
+        return model, config.vocab_size
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
     base = LlamaForCausalLM(LlamaConfig(vocab_size=BPE_VOCAB, **LLAMA_SMALL))

@@ -15,10 +15,11 @@ near a few MiB, so it stays in cache. For the backward pass it keeps q, k, v, th
 output and the dropout mask, a byte a score, and recomputes each chunk's
 probabilities there, as flash attention does. A row with no key to attend to (a
 padding row of a left-padded causal batch) averages every key, as transformers'
-eager attention does, where SDPA gives zeros: it is padding either way. The dropout masks come from 16-bit lanes of the random words
-(`core.dropout.lane_keep`), like `LaneDropout`'s. Everything else (evaluation, a p of
-0, another device, a mask that is trained, attention with a position bias or a soft
-cap, or asked for its weights) goes to transformers' own `sdpa` function unchanged.
+eager attention does, where SDPA gives zeros: it is padding either way. The dropout
+masks come from 16-bit lanes of the random words (`core.dropout.lane_keep`), like
+`LaneDropout`'s. Everything else (evaluation, a p of 0, another device, a mask that
+is trained, attention with a position bias or a soft cap, or asked for its weights)
+goes to transformers' own `sdpa` function unchanged.
 
 `use_lane_attention(model)` registers the function with transformers'
 `AttentionInterface` and switches a model that uses `sdpa` to it (for good: the

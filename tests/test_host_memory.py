@@ -68,7 +68,8 @@ import resource, sys, torch
 from torch import nn
 from core import host_memory
 embedding = nn.Embedding(30522, 64)
-threshold = host_memory.threshold_for(embedding) if sys.argv[1] == "model" else host_memory.THRESHOLD_BYTES
+threshold = (host_memory.threshold_for(embedding) if sys.argv[1] == "model"
+             else host_memory.THRESHOLD_BYTES)
 assert host_memory.map_large_blocks(threshold)
 torch.zeros_like(embedding.weight)  # the first step's
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
