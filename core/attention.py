@@ -33,7 +33,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from core.dropout import LANES, dropped_lanes, lane_keep
+from core.dropout import dropped_lanes, drops_in_lanes, keep_scale, lane_keep
 
 NAME = "rawtune_lanes"  # the name under which transformers finds it
 CHUNK_BYTES = 4 << 20  # one chunk's fp32 scores: a few MiB, so a chunk stays in cache
@@ -64,7 +64,6 @@ class ChunkedAttention(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # fp32, as SDPA's math
     def forward(ctx, q, k, v, bias, dropped: int, scale: float):
-        keep_scale = LANES / (LANES - dropped)
         out = torch.empty(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=q.device)
         # 0 or 1 a byte: a product with a uint8 tensor is several times faster on a CPU
         # than masked_fill or a product with a bool one.
@@ -75,9 +74,9 @@ class ChunkedAttention(torch.autograd.Function):
             probs = _probabilities(q[part], k[part], _rows(bias, part), scale)
             keep[part] = lane_keep(probs.shape, dropped, q.device).view(torch.uint8)
             torch.matmul(probs.mul_(keep[part]), v[part].float(), out=out[part])
-        out.mul_(keep_scale)
+        ctx.keep_scale, ctx.scale = keep_scale(dropped), scale
+        out.mul_(ctx.keep_scale)
         ctx.save_for_backward(q, k, v, bias, keep, out)
-        ctx.keep_scale, ctx.scale = keep_scale, scale
         return out.to(q.dtype)
 
     @staticmethod
@@ -86,8 +85,8 @@ class ChunkedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, bias, keep, out = ctx.saved_tensors
         grad_out = grad_out.float()
-        grads = [torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v)]
-        grad_q, grad_k, grad_v = grads
+        grad_q, grad_k, grad_v = (torch.empty(t.shape, dtype=torch.float32, device=t.device)
+                                  for t in (q, k, v))
         rows = _chunk_rows(q, k)
         for start in range(0, q.shape[0], rows):
             part = slice(start, start + rows)
@@ -131,10 +130,9 @@ def lane_attention(module: nn.Module, query, key, value, attention_mask, dropout
                    scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers' attention interface: ChunkedAttention where there is dropout to draw
     on a CPU, transformers' `sdpa` function everywhere else."""
-    dropped = dropped_lanes(dropout)
     trained_mask = attention_mask is not None and attention_mask.requires_grad
     unsupported = any(kwargs.get(name) is not None for name in ("position_bias", "softcap"))
-    if (not 0 < dropped < LANES or query.device.type != "cpu" or trained_mask or unsupported
+    if (not drops_in_lanes(dropout) or query.device.type != "cpu" or trained_mask or unsupported
             or kwargs.get("output_attentions")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
@@ -146,7 +144,7 @@ def lane_attention(module: nn.Module, query, key, value, attention_mask, dropout
     is_causal = queries > 1 and attention_mask is None and is_causal
     bias = _additive(attention_mask, is_causal, queries, keys, query.device)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = ChunkedAttention.apply(query, key, value, bias, dropped, scale)
+    out = ChunkedAttention.apply(query, key, value, bias, dropped_lanes(dropout), scale)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -27,6 +27,16 @@ def dropped_lanes(p: float) -> int:
     return round(p * LANES)
 
 
+def drops_in_lanes(p: float) -> bool:
+    """Whether lanes can draw a dropout of p: one they round to neither 0 nor 1."""
+    return 0 < dropped_lanes(p) < LANES
+
+
+def keep_scale(dropped: int) -> float:
+    """1 / (1 - p) for the p lanes draw, so a kept element keeps its expected value."""
+    return LANES / (LANES - dropped)
+
+
 def lane_keep(shape: torch.Size, dropped: int, device: torch.device) -> torch.Tensor:
     """A boolean keep-mask of `shape`: each element kept unless its 16-bit lane is one of
     the `dropped` lowest of the LANES values."""
@@ -46,7 +56,7 @@ class LaneDropout(nn.Module):
         self.dropped = dropped_lanes(p)
         if not 0 <= self.dropped < LANES:
             raise ValueError(f"LaneDropout needs 0 <= p < 1 - 1/{2 * LANES}, got {p}")
-        self.scale = LANES / (LANES - self.dropped)
+        self.scale = keep_scale(self.dropped)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.dropped == 0:
@@ -61,15 +71,14 @@ def use_lane_dropout(model: nn.Module) -> int:
     """Swap each `nn.Dropout` of `model` for a LaneDropout of its p; how many were swapped.
 
     Left as they are: dropout applied as a function inside a layer (attention dropout:
-    `core.attention` draws sdpa's from lanes),
-    an in-place one (its caller may rely on the input changing), and a p that lanes
-    would round to 0 or 1 (below 1/131072 or that close to 1).
+    `core.attention` draws sdpa's from lanes), an in-place one (its caller may rely on
+    the input changing), and a p that lanes would round to 0 or 1 (below 1/131072 or
+    that close to 1).
     """
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if (type(child) is nn.Dropout and not child.inplace
-                    and 0 < dropped_lanes(child.p) < LANES):
+            if type(child) is nn.Dropout and not child.inplace and drops_in_lanes(child.p):
                 setattr(parent, name, LaneDropout(child.p))
                 swapped += 1
     return swapped
