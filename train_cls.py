@@ -50,9 +50,10 @@ class ClsConfig(TrainConfig):
 
     EVAL_METRICS: ClassVar[tuple[str, ...]] = ("accuracy", "f1", "precision", "recall", "loss")
     # train_lora.py's quantised bases: frozen weights only, and this script trains them all.
-    refused = {name: ("train_cls.py trains every weight, and quantised weights cannot be "
-                      "trained", "quantise a frozen base under LoRA adapters instead: "
-                      f"train_lora.py --{flag(name)}") for name in ("load_in_4bit", "load_in_8bit")}
+    refused = TrainConfig.refused | {
+        name: ("train_cls.py trains every weight, and quantised weights cannot be trained",
+               f"quantise a frozen base under LoRA adapters instead: train_lora.py --{flag(name)}")
+        for name in ("load_in_4bit", "load_in_8bit")}
 
 
 def load_rows(cfg: ClsConfig):

@@ -33,9 +33,11 @@ def opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
 class TrainConfig:
     """Settings every training script shares: the loop, the optimiser, the run's files."""
 
-    # Settings of another script that this one refuses by name, rather than as unknown:
-    # {field name: (why not here, what to do instead)}.
-    refused: typing.ClassVar[dict[str, tuple[str, str]]] = {}
+    # Settings of another script, or of an older rawtune, that this one refuses by name
+    # rather than as unknown: {field name: (why not here, what to do instead)}.
+    refused: typing.ClassVar[dict[str, tuple[str, str]]] = {
+        name: ("replaced by --cpu-memory", "use --cpu-memory return (or reuse, glibc, auto)")
+        for name in ("return_cpu_memory", "no_return_cpu_memory")}
 
     config: str | None = opt(None, "JSON or YAML file of settings; flags given here override it")
     demo: bool = opt(False, "offline demo: tiny model, tokenizer trained on the fly, shipped data")
@@ -81,10 +83,13 @@ class TrainConfig:
     fsdp: bool = opt(False, "shard weights, gradients and optimizer state across the launched "
                             "processes (FSDP2, one unit per transformer block) instead of a "
                             "whole copy per process: for models that outgrow one device")
-    return_cpu_memory: bool = opt(True, "on a CPU (glibc): unmap freed blocks of 4 MiB or more "
-                                        "(or above the largest trained weight, up to 32 MiB) "
-                                        "at once, so peak RSS stays near the live tensors "
-                                        "instead of growing by heap fragmentation")
+    cpu_memory: str = opt("auto", "on a CPU (glibc), what malloc does with the memory a step "
+                                  "frees: reuse (kept in the heap for the next step: fastest), "
+                                  "return (blocks of 4 MiB or more unmapped at free: least "
+                                  "resident memory, page-faulted back each step), glibc (as "
+                                  "it is), auto (reuse where a trained weight is 32 MiB or "
+                                  "more, as in full fine-tuning, else return)",
+                          choices=["auto", "reuse", "return", "glibc"])
     lane_dropout: bool = opt(True, "on a CPU without --compile: dropout masks cut 16 bits an "
                                    "element from 64-bit random words (a quarter of nn.Dropout's "
                                    "random draws, p rounded to 1/65536; core/dropout.py), and "

@@ -173,8 +173,8 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
     plan["keep_best"] = cfg.keep_best  # the best so far a checkpoint carries is of this metric
 
     device, ckpt_root = accelerator.device, out_dir / "checkpoints"
-    if device.type == "cpu" and cfg.return_cpu_memory:
-        host_memory.map_large_blocks(host_memory.threshold_for(model))
+    # What malloc does with each step's freed memory: reuse it, or give it back (host_memory).
+    memory = host_memory.use_policy(cfg.cpu_memory, model) if device.type == "cpu" else None
     if device.type == "cpu" and cfg.lane_dropout and not cfg.compile:
         use_lane_dropout(model)  # cheaper masks, same distribution (core/dropout.py)
         use_lane_attention(model)  # attention dropout a cache-sized chunk at a time
@@ -213,7 +213,7 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
                  state["step"], trackers)
     log.print(f"{total_steps} optimizer steps ({micro_per_epoch} micro-batches/epoch/device, "
               f"{world} device(s){', FSDP' if cfg.fsdp else ''}, accumulation {cfg.grad_accum}, "
-              f"warmup {warmup})"
+              f"warmup {warmup}" + (f", CPU memory: {memory}" if memory else "") + ")"
               + (f", resumed at step {state['step']}" if state["step"] else ""))
     for line in resumed.skipped if resumed else []:
         log.print(line)

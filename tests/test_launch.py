@@ -94,8 +94,8 @@ def cls_runs(tmp_path_factory):
               "--lr", "1e-3", "--warmup-steps", "2", "--max-length", "64",
               "--eval-batch-size", "8", "--no-group-by-length", "--batch-size", "4"]
     out = {name: root / name for name in ("single", "ddp", "fsdp", "stopped")}
-    done = {"single": launch("train_cls.py", 1, *common, "--grad-accum", "2",
-                             "--output-dir", str(out["single"])),
+    done = {"single": launch("train_cls.py", 1, *common, "--grad-accum", "2", "--cpu-memory",
+                             "reuse", "--output-dir", str(out["single"])),
             "ddp": launch("train_cls.py", 2, *common, "--output-dir", str(out["ddp"])),
             "fsdp": launch("train_cls.py", 2, *common, "--fsdp", "--output-dir", str(out["fsdp"])),
             "stopped": stop_through_launcher("train_cls.py", out["stopped"],
@@ -116,6 +116,9 @@ def test_cls_two_processes_join_one_run(cls_runs):
     assert config["world_size"] == 2
     assert "32 optimizer steps" in done["ddp"].stderr and "2 device(s)" in done["ddp"].stderr
     assert done["ddp"].stderr.count("optimizer steps") == 1  # only rank 0 reports
+    # --cpu-memory: as asked, and by default (auto) `return` for a model this small.
+    assert "CPU memory: reuse" in done["single"].stderr
+    assert "CPU memory: return" in done["ddp"].stderr
     # One record per optimizer step and per evaluation: a second writer would double them.
     assert [r["step"] for r in records(out["ddp"])] == list(range(1, 33))
     assert [r["step"] for r in records(out["ddp"], "eval")] == [8, 16, 24, 32]
