@@ -164,7 +164,9 @@ def measure(job: dict) -> dict:
     from core import host_memory
     from tasks.quantize import weight_bytes
 
-    host_memory.map_large_blocks()  # as the loop does, from the start: loading's slack goes back
+    # As the loop does for LoRA (--cpu-memory auto is `return` there), from the start:
+    # loading's slack goes back.
+    host_memory.map_large_blocks()
     # One step of a tiny model of the same kind first, so that the libraries' one-off
     # costs (lazy imports, thread pools, kernel caches) fall into the baseline.
     train_one(job, job["tiny_dir"], Path(job["out_dir"]) / "warm-up", (1, 16, 1, 512),

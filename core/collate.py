@@ -18,11 +18,13 @@ def pad_batch(rows: list[dict], pad_id: int, multiple: int = 1) -> dict[str, tor
     width = -(-max(len(r["input_ids"]) for r in rows) // multiple) * multiple
 
     def padded(key: str, fill: int) -> torch.Tensor:
-        return torch.tensor([list(r[key]) + [fill] * (width - len(r[key])) for r in rows])
+        return torch.tensor([list(r[key]) + [fill] * (width - len(r[key])) for r in rows],
+                            dtype=torch.long)
 
     batch = {"input_ids": padded("input_ids", pad_id),
              "attention_mask": torch.tensor([[1] * len(r["input_ids"])
-                                             + [0] * (width - len(r["input_ids"])) for r in rows])}
+                                             + [0] * (width - len(r["input_ids"])) for r in rows],
+                                            dtype=torch.long)}
     for key in rows[0].keys() - {"input_ids", "labels"}:
         batch[key] = padded(key, 0)
     if "labels" in rows[0]:

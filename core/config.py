@@ -36,8 +36,9 @@ class TrainConfig:
     # Settings of another script, or of an older rawtune, that this one refuses by name
     # rather than as unknown: {field name: (why not here, what to do instead)}.
     refused: typing.ClassVar[dict[str, tuple[str, str]]] = {
-        name: ("replaced by --cpu-memory", "use --cpu-memory return (or reuse, glibc, auto)")
-        for name in ("return_cpu_memory", "no_return_cpu_memory")}
+        "return_cpu_memory": ("replaced by --cpu-memory", "use --cpu-memory return (or auto, "
+                              "the default; reuse; glibc)"),
+        "no_return_cpu_memory": ("replaced by --cpu-memory", "use --cpu-memory glibc")}
 
     config: str | None = opt(None, "JSON or YAML file of settings; flags given here override it")
     demo: bool = opt(False, "offline demo: tiny model, tokenizer trained on the fly, shipped data")

@@ -10,12 +10,12 @@ picks how a run trades that time against resident memory (docs/benchmarks.md has
 figures, 2026-11-27):
 
 - ``reuse``: no block is mapped; every freed block stays in the heap for the next step,
-  and only a heap top beyond twice the largest gradient is given back. No page faults
-  after the first steps; peak RSS is the heap's high-water mark.
+  and only a heap top beyond twice the largest gradient (at least 32 MiB) is given
+  back. No page faults after the first steps; peak RSS is the heap's high-water mark.
 - ``return``: blocks of 4 MiB or more (or, below 32 MiB, above the largest gradient) are
   mapped and unmapped at free: peak RSS stays near the live tensors, and every such
   block is faulted afresh each step.
-- ``glibc``: leave malloc as it is.
+- ``glibc``: leave malloc as it is (as the process found it).
 - ``auto`` (the default): ``reuse`` where a trained weight reaches glibc's 32 MiB
   ceiling, as a full fine-tune's word embedding does (MiniLM's 47 MB): glibc would map
   its gradient, and every activation block above its threshold, afresh each step.
@@ -32,6 +32,8 @@ _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 THRESHOLD_BYTES = 4 << 20
 GLIBC_CEILING = 32 << 20  # the most glibc's moving threshold rises to (64-bit)
+GLIBC_MMAP_MAX = 65536  # glibc's default count of mapped blocks: mapping on
+INT_MAX = 2**31 - 1
 POLICIES = ("auto", "reuse", "return", "glibc")
 
 
@@ -61,6 +63,8 @@ def use_policy(policy: str, model) -> str:
 
 
 def _mallopt(*settings: tuple[int, int]) -> bool:
+    """Apply glibc malloc settings in order; False at the first that is refused (those
+    before it stay), or where there is no mallopt at all."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         return all(libc.mallopt(param, value) for param, value in settings)
@@ -72,7 +76,8 @@ def reuse_freed_blocks(trim_bytes: int) -> bool:
     """Serve every block from the heap (no mmap), and give back only a free heap top of
     more than `trim_bytes` (at least glibc's ceiling), so that a freed gradient waits
     there for the next backward pass instead of being returned and faulted back."""
-    return _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, max(trim_bytes, GLIBC_CEILING)))
+    trim = min(max(trim_bytes, GLIBC_CEILING), INT_MAX)  # mallopt takes a C int
+    return _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, trim))
 
 
 def map_large_blocks(threshold: int = THRESHOLD_BYTES) -> bool:
@@ -83,7 +88,8 @@ def map_large_blocks(threshold: int = THRESHOLD_BYTES) -> bool:
     freed block at the heap's top (a gradient, say) is returned and faulted back each
     step.
     """
-    return _mallopt((_M_MMAP_THRESHOLD, threshold), (_M_TRIM_THRESHOLD, 2 * threshold))
+    return _mallopt((_M_MMAP_MAX, GLIBC_MMAP_MAX), (_M_MMAP_THRESHOLD, threshold),
+                    (_M_TRIM_THRESHOLD, 2 * threshold))
 
 
 def threshold_for(model) -> int:

@@ -1,5 +1,6 @@
 """core.collate.pad_batch against a padding written out row by row."""
 
+import numpy as np
 import torch
 
 from core.collate import pad_batch
@@ -52,3 +53,11 @@ def test_token_labels_padded_with_minus_100():
 
 def test_rows_without_labels():
     check([{"input_ids": [1, 2]}, {"input_ids": [3, 4, 5]}], pad_id=0)
+
+
+def test_ids_are_int64_whatever_the_rows_hold():
+    rows = [{"input_ids": np.array([5, 6], dtype=np.int32), "labels": 1},
+            {"input_ids": (7, 8), "labels": 0}]  # no padding needed: no int64 fill value
+    batch = pad_batch(rows, 0)
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.long
+    assert batch["input_ids"].tolist() == [[5, 6], [7, 8]]

@@ -141,6 +141,25 @@ def test_bad_config_file_is_a_usage_error(tmp_path, name, content, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("argv,hint", [
+    (["--return-cpu-memory"], "use --cpu-memory return"),
+    (["--return-cpu-memory=true"], "use --cpu-memory return"),
+    (["--no-return-cpu-memory"], "use --cpu-memory glibc"),
+])
+def test_the_old_memory_flag_is_refused_naming_its_successor(argv, hint):
+    with pytest.raises(UsageError, match="replaced by --cpu-memory") as err:
+        parse(argv)
+    assert hint in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_old_memory_setting_in_a_file_is_refused_too(tmp_path):
+    path = write(tmp_path / "c.yaml", "return-cpu-memory: false\n")
+    with pytest.raises(UsageError, match="replaced by --cpu-memory"):
+        parse(["--config", path])
+    assert parse(["--cpu-memory", "reuse"]).cpu_memory == "reuse"
+    assert parse([]).cpu_memory == "auto"
+
+
 # --- validation -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,message", [
