@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from core import trackers
+from core import host_memory, trackers
 from core.errors import UsageError, fail
 
 C = TypeVar("C", bound="TrainConfig")
@@ -90,7 +90,7 @@ class TrainConfig:
                                   "resident memory, page-faulted back each step), glibc (as "
                                   "it is), auto (reuse where a trained weight is 32 MiB or "
                                   "more, as in full fine-tuning, else return)",
-                          choices=["auto", "reuse", "return", "glibc"])
+                          choices=list(host_memory.POLICIES))
     lane_dropout: bool = opt(True, "on a CPU without --compile: dropout masks cut 16 bits an "
                                    "element from 64-bit random words (a quarter of nn.Dropout's "
                                    "random draws, p rounded to 1/65536; core/dropout.py), and "
