@@ -63,7 +63,7 @@ from core.config import TrainConfig
 from core.dropout import use_lane_dropout
 from core.errors import UsageError
 from core.flops import StepFlops, peak_tflops
-from core.optim import build_adamw, lr_factor, set_lr, warmup_steps_for
+from core.optim import build_adamw, clip_gradients, lr_factor, set_lr, warmup_steps_for
 from core.runlog import RunLog, Timer
 from core.trackers import Trackers
 
@@ -247,8 +247,8 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
                         # DDP and FSDP average over ranks; times `world` makes it a sum.
                         accelerator.backward(loss * world / n_units)        # backward
                     loss_sum += loss.detach()
-                grad_norm = parallel.local(accelerator.clip_grad_norm_(     # clip
-                    params, cfg.max_grad_norm or float("inf")))
+                grad_norm = parallel.local(clip_gradients(                  # clip
+                    accelerator, params, cfg.max_grad_norm or float("inf")))
                 step_loss = accelerator.reduce(loss_sum, reduction="sum") / n_units
                 # Loss and norm are global, so every rank takes the same decision.
                 finite = _finite(step_loss, grad_norm, cfg)

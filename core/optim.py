@@ -36,6 +36,27 @@ def build_adamw(model: torch.nn.Module, lr: float, weight_decay: float,
                              fused=device.type in ("cuda", "cpu"))
 
 
+def clip_gradients(accelerator, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients to a total norm of `max_norm` where it is above; return the
+    norm before clipping.
+
+    torch's `clip_grad_norm_` multiplies every gradient by min(1, max_norm / norm) even
+    when that is 1, so that a GPU never waits to read the norm. On a CPU the read costs
+    nothing, while the multiply is a pass over every gradient: 3-4 % of a MiniLM step on
+    SST-2, where most steps' norms are under 1. There it is left out when the factor is
+    1, which leaves every gradient exactly as the multiply would (by 1.0). GPU and
+    sharded (FSDP) runs keep Accelerate's path.
+    """
+    from accelerate.utils import DistributedType
+    if accelerator.device.type != "cpu" or accelerator.distributed_type == DistributedType.FSDP:
+        return accelerator.clip_grad_norm_(params, max_norm)
+    accelerator.unscale_gradients()  # an fp16 run's scaled gradients; else nothing
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if max_norm / (norm + 1e-6) < 1:  # torch's factor (its 1e-6 too), before the cap at 1
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
 def warmup_steps_for(total_steps: int, warmup_ratio: float, warmup_steps: int | None) -> int:
     if warmup_steps is not None:
         return warmup_steps

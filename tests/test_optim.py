@@ -9,7 +9,8 @@ from transformers import (AutoModelForSequenceClassification, TrainingArguments,
                           get_linear_schedule_with_warmup)
 
 from core.demo import tiny_distilbert_config
-from core.optim import build_adamw, lr_factor, param_groups, set_lr, warmup_steps_for
+from core.optim import (build_adamw, clip_gradients, lr_factor, param_groups, set_lr,
+                        warmup_steps_for)
 
 PEAK = 3e-5
 
@@ -154,3 +155,23 @@ def test_fused_step_equals_the_reference_adamw(tiny_model):
             optimizer.zero_grad()
     for (name, a), b in zip(tiny_model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0, float("inf")])  # clipped, not, no clipping
+def test_clipping_matches_torchs_and_touches_no_gradient_it_leaves_as_is(tiny_model, max_norm):
+    from accelerate import Accelerator
+    ids, labels = torch.randint(0, 100, (4, 12)), torch.tensor([0, 1, 2, 1])
+    tiny_model(input_ids=ids, labels=labels).loss.backward()
+    params = list(tiny_model.parameters())
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for ref, param in zip(reference, params):
+        ref.grad = param.grad.clone()
+    expected_norm = torch.nn.utils.clip_grad_norm_(reference, max_norm)
+    versions = [p.grad._version for p in params]
+    norm = clip_gradients(Accelerator(cpu=True), params, max_norm)
+    assert torch.equal(norm, expected_norm) and norm > 0.5
+    for param, ref in zip(params, reference):
+        assert torch.equal(param.grad, ref.grad)  # bit for bit, scaled or not
+    # Only a clip that scales writes to the gradients (torch's multiplies them all by 1.0).
+    written = [p.grad._version != v for p, v in zip(params, versions)]
+    assert all(written) if norm > max_norm else not any(written)
