@@ -157,21 +157,27 @@ def test_fused_step_equals_the_reference_adamw(tiny_model):
         torch.testing.assert_close(a, b, msg=name)
 
 
-@pytest.mark.parametrize("max_norm", [0.5, 100.0, float("inf")])  # clipped, not, no clipping
-def test_clipping_matches_torchs_and_touches_no_gradient_it_leaves_as_is(tiny_model, max_norm):
+@pytest.mark.parametrize("max_norm,poison", [(0.1, False), (100.0, False), (float("inf"), False),
+                                              (1.0, True)])  # clipped, not, unlimited, NaN
+def test_clipping_matches_torchs_and_touches_no_gradient_it_leaves_as_is(tiny_model, max_norm,
+                                                                         poison):
     from accelerate import Accelerator
     ids, labels = torch.randint(0, 100, (4, 12)), torch.tensor([0, 1, 2, 1])
     tiny_model(input_ids=ids, labels=labels).loss.backward()
     params = list(tiny_model.parameters())
+    params[0].grad = None  # a weight the batch did not reach
+    if poison:
+        params[1].grad[0] = float("nan")
     reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
     for ref, param in zip(reference, params):
-        ref.grad = param.grad.clone()
+        ref.grad = None if param.grad is None else param.grad.clone()
     expected_norm = torch.nn.utils.clip_grad_norm_(reference, max_norm)
-    versions = [p.grad._version for p in params]
+    versions = [p.grad._version for p in params[1:]]
     norm = clip_gradients(Accelerator(cpu=True), params, max_norm)
-    assert torch.equal(norm, expected_norm) and norm > 0.5
-    for param, ref in zip(params, reference):
-        assert torch.equal(param.grad, ref.grad)  # bit for bit, scaled or not
+    torch.testing.assert_close(norm, expected_norm, rtol=0, atol=0, equal_nan=True)
+    assert poison or 0.1 < norm < 100  # so the first two cases do clip, and do not
+    for param, ref in zip(params[1:], reference[1:]):  # bit for bit, scaled or not
+        torch.testing.assert_close(param.grad, ref.grad, rtol=0, atol=0, equal_nan=True)
     # Only a clip that scales writes to the gradients (torch's multiplies them all by 1.0).
-    written = [p.grad._version != v for p, v in zip(params, versions)]
-    assert all(written) if norm > max_norm else not any(written)
+    written = [p.grad._version != v for p, v in zip(params[1:], versions)]
+    assert all(written) if poison or norm > max_norm else not any(written)
