@@ -121,6 +121,8 @@ def prepare(name: str, spec: dict, args, work: Path, on_gpu: bool) -> dict:
     """Files both sides read: data, tokenizer, model directory. Raises Skip when absent."""
     if spec["gpu"] and not on_gpu:
         raise Skip("needs CUDA, none here")
+    if args.batch_size:  # both sides: the micro-batch is the workload's setting to vary
+        spec = {**spec, "batch_size": args.batch_size}
     wdir = work / name
     wdir.mkdir(parents=True, exist_ok=True)
     job = {**spec, "workload": name, "steps": args.steps, "peak_tflops": args.peak_tflops}
@@ -854,6 +856,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", choices=["no", "bf16"],
                         help="override every workload's precision on both sides (default: "
                              "each workload's own: fp32 on CPU, bf16 on GPU)")
+    parser.add_argument("--batch-size", type=int,
+                        help="override every workload's batch size on both sides (default: "
+                             "each workload's own)")
     parser.add_argument("--rawtune-arg", action="append", default=[],
                         help="extra train_cls flag for rawtune's side (cls: e.g. "
                              "--rawtune-arg=--no-group-by-length; lm: group_by_length=false)")

@@ -33,6 +33,7 @@ from core.errors import fail, run_cli
 from core.pretrained import load_pretrained
 from eval.decoding import answer_text, decode
 from tasks.formats import ChatFormat, InstructFormat, run_format
+from tasks.lora_model import adapter_input_casts
 
 
 class StopAtText(StoppingCriteria):
@@ -90,7 +91,9 @@ def generate_text(model, fmt: InstructFormat | ChatFormat, messages: list[dict],
     if temperature > 0:
         sampling["temperature"] = temperature
         torch.manual_seed(seed)  # per answer: the same seed gives the same answer in any order
-    with warnings.catch_warnings():
+    # Outside autocast an fp32 adapter over a bf16 base needs peft's input casts, which a
+    # model built for an autocast run has off (tasks.lora_model.set_adapter_input_casts).
+    with warnings.catch_warnings(), adapter_input_casts(model):
         # generate() reads a property transformers itself deprecated: its notice, not the user's.
         warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
         out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),

@@ -2,7 +2,6 @@
 a skip that says why without ../shared, a failure when the model's recipe fails. No
 training here."""
 
-import argparse
 import json
 
 import pytest
@@ -20,9 +19,9 @@ def alpaca(tmp_path):
     return path
 
 
-def prepared(alpaca, tmp_path, steps=0) -> dict:
-    args = argparse.Namespace(alpaca_file=str(alpaca), steps=steps, peak_tflops=989.0,
-                              mixed_precision="no")
+def prepared(alpaca, tmp_path, steps=0, *flags: str) -> dict:
+    args = run.parse_args(["--alpaca-file", str(alpaca), "--steps", str(steps),
+                           "--mixed-precision", "no", *flags])
     return run.prepare("lora-smollm", run.WORKLOADS["lora-smollm"], args, tmp_path / "work",
                        on_gpu=False)
 
@@ -62,3 +61,11 @@ def test_steps_keep_the_rows_of_that_many_steps(alpaca, tmp_path, monkeypatch):
     job = prepared(alpaca, tmp_path, steps=5)
     assert (job["n_train"], job["n_eval"]) == (40, 100)  # 5 steps of 8 rows, every eval row
     assert job["warmup_steps"] == 1
+
+
+def test_a_batch_size_given_holds_for_both_sides_and_the_step_cap(alpaca, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setattr(run, "built_model", lambda name, shared: tmp_path / "cache" / name)
+    job = prepared(alpaca, tmp_path, 5, "--batch-size", "4")  # each side reads job's
+    assert job["batch_size"] == 4 and job["n_train"] == 20  # 5 steps of 4 rows
+    assert run.WORKLOADS["lora-smollm"]["batch_size"] == 8  # the workload itself unchanged

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU checks of #11 (docs/benchmarks.md), most telling first, in one call on a lent GPU:
+#
+#     bash bench/gpu_check.sh OUT      # OUT/results.tgz, OUT/log
+#
+# Each step's results (results.md/json, profiles) are packed into OUT/results.tgz as soon
+# as it ends, so a call cut short still returns what it finished. Full epochs: 540 long
+# reviews as instructions for the 3B LoRA (68 steps of 8), 4 epochs of 500 for DistilBERT.
+set -u
+out=${1:?usage: bash bench/gpu_check.sh OUT}
+mkdir -p "$out"
+work=$(mktemp -d)
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+pack() { tar czf "$out/results.tgz" -C "$work" .; }
+step() {  # NAME, a time limit in seconds, then python -m bench's flags
+    local name=$1 limit=$2; shift 2
+    echo "=== $name: python -m bench $* ($(date -u +%T))"
+    timeout -k 10 "$limit" "$py" -m bench --out "$work/$name" --note "$name" "$@"
+    pack
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+# The machine's own bf16 peak, for MFU beside the datasheet's 989 TFLOP/s.
+"$py" - <<'EOF' | tee "$work/peak.txt"
+import torch
+a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+for _ in range(3):
+    a @ b
+start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+start.record()
+for _ in range(20):
+    a @ b
+end.record()
+torch.cuda.synchronize()
+print(f"bf16 8192^3 matmul: {2 * 8192**3 * 20 / start.elapsed_time(end) / 1e9:.0f} TFLOP/s "
+      f"on {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+EOF
+pack
+
+step l3b 240 --workloads gpu-openllama-3b --repeats 1
+step l3b-compile 200 --workloads gpu-openllama-3b --repeats 1 --sides rawtune \
+    --rawtune-arg=--compile --profile
+step dbert 120 --workloads gpu-distilbert --repeats 1
+step dbert-compile 90 --workloads gpu-distilbert --repeats 1 --sides rawtune --rawtune-arg=--compile
+step l3b-b16 150 --workloads gpu-openllama-3b --repeats 1 --sides rawtune trainer-grouped \
+    --batch-size 16
+step l3b-b16-compile 150 --workloads gpu-openllama-3b --repeats 1 --sides rawtune \
+    --batch-size 16 --rawtune-arg=--compile
+echo "=== done ($(date -u +%T))"
