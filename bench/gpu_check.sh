@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
 # The GPU checks of #11 (docs/benchmarks.md), most telling first, in one call on a lent GPU:
 #
-#     bash bench/gpu_check.sh OUT      # OUT/results.tgz, OUT/log
+#     bash bench/gpu_check.sh OUT      # OUT/log, OUT/results.tgz
 #
 # Each step's results (results.md/json, profiles) are packed into OUT/results.tgz as soon
 # as it ends, so a call cut short still returns what it finished. Full epochs: 540 long
 # reviews as instructions for the 3B LoRA (68 steps of 8), 4 epochs of 500 for DistilBERT.
 set -u
-out=${1:?usage: bash bench/gpu_check.sh OUT}
-mkdir -p "$out"
+mkdir -p "${1:?usage: bash bench/gpu_check.sh OUT}"
+out=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.."  # python -m bench runs from the repository root
+exec > >(tee -a "$out/log") 2>&1
 work=$(mktemp -d)
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-pack() { tar czf "$out/results.tgz" -C "$work" .; }
+pack() {  # a new archive, then renamed: a kill while packing keeps the last one whole
+    tar czf "$out/.results.tgz" -C "$work" . && mv "$out/.results.tgz" "$out/results.tgz"
+}
 step() {  # NAME, a time limit in seconds, then python -m bench's flags
     local name=$1 limit=$2; shift 2
     echo "=== $name: python -m bench $* ($(date -u +%T))"
-    timeout -k 10 "$limit" "$py" -m bench --out "$work/$name" --note "$name" "$@"
+    # Its printed lines kept with the results: a step cut short writes no results.md.
+    timeout -k 10 "$limit" "$py" -m bench --out "$work/$name" --note "$name" "$@" 2>&1 |
+        tee "$work/$name.log"
     pack
 }
 
@@ -38,13 +44,18 @@ print(f"bf16 8192^3 matmul: {2 * 8192**3 * 20 / start.elapsed_time(end) / 1e9:.0
 EOF
 pack
 
-step l3b 240 --workloads gpu-openllama-3b --repeats 1
-step l3b-compile 200 --workloads gpu-openllama-3b --repeats 1 --sides rawtune \
+step l3b 200 --workloads gpu-openllama-3b --repeats 1
+step l3b-compile 150 --workloads gpu-openllama-3b --repeats 1 --sides rawtune \
+    --rawtune-arg=--compile
+step dbert 100 --workloads gpu-distilbert --repeats 1
+step dbert-compile 70 --workloads gpu-distilbert --repeats 1 --sides rawtune \
+    --rawtune-arg=--compile
+# A profile only (no timed run) of steps 6-8 of a compiled 3B rawtune run; the eager
+# one's, from before the adapter-input lever, is bench/profile-h100-openllama-3b.txt.
+step l3b-profile 120 --workloads gpu-openllama-3b --steps 10 --repeats 0 --sides rawtune \
     --rawtune-arg=--compile --profile
-step dbert 120 --workloads gpu-distilbert --repeats 1
-step dbert-compile 90 --workloads gpu-distilbert --repeats 1 --sides rawtune --rawtune-arg=--compile
 step l3b-b16 150 --workloads gpu-openllama-3b --repeats 1 --sides rawtune trainer-grouped \
     --batch-size 16
-step l3b-b16-compile 150 --workloads gpu-openllama-3b --repeats 1 --sides rawtune \
+step l3b-b16-compile 120 --workloads gpu-openllama-3b --repeats 1 --sides rawtune \
     --batch-size 16 --rawtune-arg=--compile
 echo "=== done ($(date -u +%T))"

@@ -33,7 +33,7 @@ from core.errors import fail, run_cli
 from core.pretrained import load_pretrained
 from eval.decoding import answer_text, decode
 from tasks.formats import ChatFormat, InstructFormat, run_format
-from tasks.lora_model import adapter_input_casts
+from tasks.adapter_casts import adapter_input_casts
 
 
 class StopAtText(StoppingCriteria):
@@ -92,7 +92,7 @@ def generate_text(model, fmt: InstructFormat | ChatFormat, messages: list[dict],
         sampling["temperature"] = temperature
         torch.manual_seed(seed)  # per answer: the same seed gives the same answer in any order
     # Outside autocast an fp32 adapter over a bf16 base needs peft's input casts, which a
-    # model built for an autocast run has off (tasks.lora_model.set_adapter_input_casts).
+    # model built for an autocast run may have off (tasks/adapter_casts.py).
     with warnings.catch_warnings(), adapter_input_casts(model):
         # generate() reads a property transformers itself deprecated: its notice, not the user's.
         warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)

@@ -6,7 +6,6 @@ low-rank update `(alpha/r) * B A` (README, "What LoRA adds to a layer"). Every r
 a sweep rebuilds the base from the same source and seed, so ranks differ in r alone.
 """
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from core.demo import bpe_tokenizer, tiny_llama_config
 from core.errors import fail
 from core.pretrained import check_max_length, load_pretrained
 from tasks import quantize
+from tasks.adapter_casts import cast_is_a_round_trip, set_adapter_input_casts
 from tasks.instruct import ALPACA_WITH_INPUT
 from tasks.lora_start import lora_config
 
@@ -112,40 +112,9 @@ def build_lora_model(source: str, r: int, cfg, dtype: torch.dtype, device: torch
         base.config.use_cache = False
     # peft keeps adapter weights in fp32 over a bf16 base (autocast_adapter_dtype).
     model = get_peft_model(base, lora_config(r, cfg))
-    if cfg.mixed_precision != "no" and not (cfg.fsdp or cfg.use_dora):
+    if cast_is_a_round_trip(cfg, device):  # peft's cast up, autocast's back down
         set_adapter_input_casts(model, False)
     return model
-
-
-def set_adapter_input_casts(model, on: bool) -> list:
-    """Switch peft's cast of each adapter's input to the adapter's dtype; the layers switched.
-
-    Over a bf16 base peft casts every adapter's input up to the adapters' fp32, and
-    autocast, which wraps every training and evaluation forward here, casts it straight
-    back to bf16 for the adapter's first product: for each adapted layer, two copies of
-    the activation forward and two backward that change no value (dropout of a bf16
-    value rounds once either way), 182 layers in OpenLLaMA-3b, launched one by one. So
-    build_lora_model turns the cast off where autocast wraps the forward: not under
-    --fsdp (whose bf16 policy casts the weights instead, and fp16 runs without
-    autocast), and not for DoRA, whose weight norm would then be taken in bf16.
-    Generation, which runs outside autocast, turns it back on (eval.generate).
-    """
-    layers = [m for m in model.modules()
-              if getattr(m, "cast_input_dtype_enabled", on) is not on]
-    for layer in layers:
-        layer.cast_input_dtype_enabled = on
-    return layers
-
-
-@contextlib.contextmanager
-def adapter_input_casts(model):
-    """peft's adapter input casts on inside, for a forward pass outside autocast."""
-    layers = set_adapter_input_casts(model, True)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.cast_input_dtype_enabled = False
 
 
 def save_adapter(model, tokenizer, metrics: dict, r_dir: Path, weights: dict | None) -> None:

@@ -1,6 +1,6 @@
-"""peft's cast of each adapter's input up to fp32, off where autocast wraps the forward
-(tasks.lora_model.set_adapter_input_casts): the same loss and gradients bit for bit, off
-only where that holds, and generation, which runs outside autocast, still answering."""
+"""peft's cast of each adapter's input up to fp32, off where autocast undoes it
+(tasks/adapter_casts.py): the same loss and gradients bit for bit, off only where that
+holds, and generation, which runs outside autocast, still answering."""
 
 import json
 
@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import train_lora
 from core.dropout import use_lane_dropout
 from tasks.lora_config import LoraRunConfig
-from tasks.lora_model import base_dtype, build_lora_model, set_adapter_input_casts
+from tasks.adapter_casts import set_adapter_input_casts
+from tasks.lora_model import base_dtype, build_lora_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -38,13 +39,29 @@ def casting(model) -> set:
 
 
 @pytest.mark.parametrize("flags,want", [
-    ({"mixed_precision": "bf16"}, {False}),                   # autocast casts for peft
-    ({"mixed_precision": "no"}, {True}),                      # no autocast: peft's cast is needed
+    ({"mixed_precision": "bf16"}, {False}),  # lane dropout: the same bits (below)
+    ({"mixed_precision": "bf16", "lora_dropout": 0.0, "compile": True}, {False}),
+    ({"mixed_precision": "no"}, {True}),     # no autocast: peft's cast is needed
+    # torch's CPU dropout scales in the input's dtype (1/0.95 -> 1.0547 in bf16), and
+    # compiled dropout draws in it: other values than the fp32 path's
+    ({"mixed_precision": "bf16", "lane_dropout": False}, {True}),
+    ({"mixed_precision": "bf16", "compile": True}, {True}),
     ({"mixed_precision": "bf16", "fsdp": True}, {True}),      # FSDP's policy, no autocast
     ({"mixed_precision": "bf16", "use_dora": True}, {True}),  # DoRA's norm would move to bf16
 ])
-def test_the_cast_is_off_only_under_autocast(saved, flags, want):
+def test_the_cast_is_off_only_where_autocast_undoes_it_unchanged(saved, flags, want):
     assert casting(build(saved, **flags)) == want
+
+
+def test_torch_dropout_on_a_cpu_would_change_the_values():
+    """Why --no-lane-dropout keeps the cast: the same mask, another scale."""
+    x = torch.ones(4096)
+    kept = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        kept[dtype] = torch.nn.functional.dropout(x.to(dtype), 0.05).float()
+    assert torch.equal(kept[torch.float32] == 0, kept[torch.bfloat16] == 0)
+    assert not torch.equal(kept[torch.float32], kept[torch.bfloat16])
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
