@@ -1,34 +1,45 @@
 #!/usr/bin/env bash
 # The GPU checks of #11 (docs/benchmarks.md), most telling first, in one call on a lent GPU:
 #
-#     bash bench/gpu_check.sh OUT      # OUT/log, OUT/results.tgz
+#     bash bench/gpu_check.sh OUT [STEP ...]   # OUT/log, OUT/results.tgz; STEPs: only those
 #
-# Each step's results (results.md/json, profiles) are packed into OUT/results.tgz as soon
-# as it ends, so a call cut short still returns what it finished. Full epochs: 540 long
-# reviews as instructions for the 3B LoRA (68 steps of 8), 4 epochs of 500 for DistilBERT.
+# Each step's results (results.md/json, profiles, its printed lines) are packed into
+# OUT/results.tgz as soon as it ends, so a call cut short still returns what it finished.
+# Full epochs: 540 long reviews as instructions for the 3B LoRA (68 steps of 8), 4 epochs
+# of 500 for DistilBERT.
 set -u
-mkdir -p "${1:?usage: bash bench/gpu_check.sh OUT}"
-out=$(cd "$1" && pwd)
+mkdir -p "${1:?usage: bash bench/gpu_check.sh OUT [STEP ...]}"
+out=$(CDPATH= cd "$1" && pwd)
+only=" ${*:2} "
+py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."  # python -m bench runs from the repository root
 exec > >(tee -a "$out/log") 2>&1
+logger=$!
 work=$(mktemp -d)
 export PYTHONUNBUFFERED=1
-py=${PYTHON:-python3}
 pack() {  # a new archive, then renamed: a kill while packing keeps the last one whole
     tar czf "$out/.results.tgz" -C "$work" . && mv "$out/.results.tgz" "$out/results.tgz"
 }
+wanted() { [ "$only" = "  " ] || [[ $only == *" $1 "* ]]; }
 step() {  # NAME, a time limit in seconds, then python -m bench's flags
     local name=$1 limit=$2; shift 2
+    wanted "$name" || return 0
     echo "=== $name: python -m bench $* ($(date -u +%T))"
-    # Its printed lines kept with the results: a step cut short writes no results.md.
-    timeout -k 10 "$limit" "$py" -m bench --out "$work/$name" --note "$name" "$@" 2>&1 |
-        tee "$work/$name.log"
+    # A step cut short writes no results.md, and leaves its scratch (a 3B model, 7 GB):
+    # its printed lines are kept, its scratch folder removed. SIGKILL, to the step's whole
+    # process group: a SIGTERM'd training run first finishes its step in flight, and one
+    # that was compiling held 14.7 GiB of the GPU through the next steps (2026-11-27).
+    mkdir -p "$work/tmp-$name"
+    TMPDIR="$work/tmp-$name" timeout -s KILL "$limit" "$py" -m bench --out "$work/$name" \
+        --note "$name" "$@" 2>&1 | tee "$work/$name.log"
+    echo "=== $name: exit ${PIPESTATUS[0]} ($(date -u +%T))"
+    rm -rf "$work/tmp-$name"
     pack
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 # The machine's own bf16 peak, for MFU beside the datasheet's 989 TFLOP/s.
-"$py" - <<'EOF' | tee "$work/peak.txt"
+wanted peak && "$py" - <<'EOF' | tee "$work/peak.txt"
 import torch
 a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
 for _ in range(3):
@@ -44,18 +55,21 @@ print(f"bf16 8192^3 matmul: {2 * 8192**3 * 20 / start.elapsed_time(end) / 1e9:.0
 EOF
 pack
 
-step l3b 200 --workloads gpu-openllama-3b --repeats 1
-step l3b-compile 150 --workloads gpu-openllama-3b --repeats 1 --sides rawtune \
-    --rawtune-arg=--compile
-step dbert 100 --workloads gpu-distilbert --repeats 1
-step dbert-compile 70 --workloads gpu-distilbert --repeats 1 --sides rawtune \
+step l3b 240 --workloads gpu-openllama-3b --repeats 1
+step dbert 150 --workloads gpu-distilbert --repeats 1
+step l3b-b16 200 --workloads gpu-openllama-3b --repeats 1 --sides rawtune trainer-grouped \
+    --batch-size 16
+# --compile: a 3B run took over 150 s before its first step on an H100 (2026-11-27).
+step l3b-compile 360 --workloads gpu-openllama-3b --repeats 1 --sides rawtune \
     --rawtune-arg=--compile
 # A profile only (no timed run) of steps 6-8 of a compiled 3B rawtune run; the eager
 # one's, from before the adapter-input lever, is bench/profile-h100-openllama-3b.txt.
-step l3b-profile 120 --workloads gpu-openllama-3b --steps 10 --repeats 0 --sides rawtune \
+step l3b-profile 240 --workloads gpu-openllama-3b --steps 10 --repeats 0 --sides rawtune \
     --rawtune-arg=--compile --profile
-step l3b-b16 150 --workloads gpu-openllama-3b --repeats 1 --sides rawtune trainer-grouped \
-    --batch-size 16
-step l3b-b16-compile 120 --workloads gpu-openllama-3b --repeats 1 --sides rawtune \
+step dbert-compile 120 --workloads gpu-distilbert --repeats 1 --sides rawtune \
+    --rawtune-arg=--compile
+step l3b-b16-compile 300 --workloads gpu-openllama-3b --repeats 1 --sides rawtune \
     --batch-size 16 --rawtune-arg=--compile
 echo "=== done ($(date -u +%T))"
+exec >&- 2>&-
+wait "$logger"  # until tee has written the last lines

@@ -6,21 +6,24 @@ and autocast, which wraps every training and evaluation forward of a run in half
 precision, casts it straight back down for the adapter's first product: for each
 adapted layer two copies of the activation forward and two backward, each launched on
 its own (182 adapted layers in OpenLLaMA-3b). Between the two casts there is only the
-adapter's dropout, and it computes the same values from a half-precision input only
-where its scale is applied in fp32:
+adapter's dropout, and a half-precision input leaves it the same where its scale is
+applied in fp32 and its masks come from the same distribution:
 
 - lane dropout (`core/dropout.py`, a CPU run's default): a Python float scale, the
-  product rounded once, and masks drawn without regard to the dtype: the same bits
+  product rounded once, masks drawn without regard to the dtype: the same bits
   (tests/test_adapter_casts.py);
-- torch's dropout on a GPU: its fused kernel scales in fp32 as well;
+- torch's dropout on a GPU: its fused kernel scales in fp32, and draws its masks from
+  fp32 uniforms, but other ones for a bf16 tensor than for an fp32 one: other draws of
+  the same masks' distribution, as another seed would give;
 - no dropout at all.
 
 Elsewhere the cast stays: torch's dropout on a CPU (`--no-lane-dropout`) builds its
-scale in the input's dtype (1/0.95 becomes 1.0547 in bf16), and under `--compile` the
-compiled dropout draws its random numbers in the input's dtype. It stays too under
-`--fsdp` (no autocast: its bf16 policy casts the weights instead) and for DoRA, whose
-weight norm would be taken in bf16. Generation runs outside autocast, so it turns the
-cast back on (`adapter_input_casts`, eval/generate.py).
+scale in the input's dtype (1/0.95 becomes 1.0547 in bf16, a 0.2 % bias), and under
+`--compile` the compiled dropout draws its uniforms in the input's dtype, which moves
+the keep probability by up to half a bf16 step. It stays too under `--fsdp` (no
+autocast: its bf16 policy casts the weights instead) and for DoRA, whose weight norm
+would be taken in bf16. Generation runs outside autocast, so it turns the cast back on
+(`adapter_input_casts`, eval/generate.py).
 """
 
 import contextlib
@@ -32,7 +35,7 @@ from core.dropout import drops_in_lanes
 
 def cast_is_a_round_trip(cfg, device: torch.device) -> bool:
     """Whether a run's settings (a LoraRunConfig) make peft's input cast one that
-    autocast undoes with no value changed: the cases of the module's docstring."""
+    autocast undoes, the dropout between unchanged: the cases of the module's docstring."""
     if cfg.mixed_precision == "no" or cfg.fsdp or cfg.use_dora:
         return False
     if cfg.lora_dropout == 0:
