@@ -92,8 +92,11 @@ def generate_text(model, fmt: InstructFormat | ChatFormat, messages: list[dict],
         sampling["temperature"] = temperature
         torch.manual_seed(seed)  # per answer: the same seed gives the same answer in any order
     # Outside autocast an fp32 adapter over a bf16 base needs peft's input casts, which a
-    # model built for an autocast run may have off (tasks/adapter_casts.py).
-    with warnings.catch_warnings(), adapter_input_casts(model):
+    # model built for an autocast run may have off (tasks/adapter_casts.py). Blocks
+    # compiled for training (--compile) answer eagerly: a few answers do not repay
+    # compiling graphs for the key/value cache, one a layer (core/compiling.py).
+    with warnings.catch_warnings(), adapter_input_casts(model), \
+            torch.compiler.set_stance("force_eager"):
         # generate() reads a property transformers itself deprecated: its notice, not the user's.
         warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
         out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
