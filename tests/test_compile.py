@@ -138,3 +138,6 @@ def test_answers_from_compiled_blocks_compile_nothing(monkeypatch):
     counters.clear()
     assert generate_text(model, fmt, question, 6) == eager
     assert counters["frames"]["total"] == 0
+    model.train()  # and training afterwards compiles as before
+    model(input_ids=torch.tensor([[1, 2, 3, 4]]), use_cache=False).logits.sum().backward()
+    assert counters["frames"]["total"] > 0
