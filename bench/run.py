@@ -275,6 +275,7 @@ class Meter:
         self.lm = lm
         self.active = True
         self.sums = dict(examples=0, tokens=0, padded_tokens=0, target_tokens=0, pairs=0)
+        self.marks: list[tuple[float, int]] = []  # (host clock, examples before) a forward
         self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
@@ -285,6 +286,7 @@ class Meter:
         lengths = (mask.sum(1) if mask is not None else
                    ids.new_full((ids.shape[0],), ids.shape[1])).double()
         t = self.sums
+        self.marks.append((time.perf_counter(), t["examples"]))
         t["examples"] += ids.shape[0]
         t["tokens"] = t["tokens"] + lengths.sum()
         t["pairs"] = t["pairs"] + (lengths * lengths).sum()
@@ -407,6 +409,20 @@ def child(spec_path: str) -> int:
     return 0
 
 
+STEADY_FROM = 5  # training forwards left out of the steady pace: warm-up, compiling
+
+
+def steady_samples_per_s(marks: list[tuple[float, int]]) -> float | None:
+    """Examples per second from the 6th training forward to the last: the pace once
+    set-up, the first batch shapes and --compile's compiling are past, before the final
+    checkpoint. On a GPU the host clock at each forward runs ahead of the device by at
+    most the launches its queue holds, a fraction of a step. None for a short run."""
+    if len(marks) < STEADY_FROM + 2:
+        return None
+    (t0, e0), (t1, e1) = marks[STEADY_FROM], marks[-1]
+    return (e1 - e0) / (t1 - t0) if t1 > t0 else None
+
+
 def _finish(measure: Measure, **figures) -> dict:
     meter, train_s = measure.meter, measure.wall
     t = meter.totals()
@@ -417,7 +433,7 @@ def _finish(measure: Measure, **figures) -> dict:
            "tflops": t["flops"] / train_s / 1e12,
            "padding": 1 - t["tokens"] / max(t["padded_tokens"], 1),
            "samples_per_s_no_ckpt": t["examples"] / max(train_s - measure.ckpt_s, 1e-9),
-           **figures}
+           "steady_samples_per_s": steady_samples_per_s(meter.marks), **figures}
     if meter.lm:
         out["target_tokens_per_s"] = t["target_tokens"] / train_s
     return out
@@ -721,6 +737,8 @@ def summarise(runs: dict[str, list[dict]], on_gpu: bool, peak_tflops: float | No
                 "samples_per_s_no_ckpt")}
         if "target_tokens_per_s" in ok[0]:
             med["target_tokens_per_s"] = statistics.median(r["target_tokens_per_s"] for r in ok)
+        steady = [r["steady_samples_per_s"] for r in ok if r.get("steady_samples_per_s")]
+        med["steady_samples_per_s"] = statistics.median(steady) if steady else None
         last = ok[-1]
         summary[side] = {**med, "n": len(ok),
                          "samples_per_s_all": [round(r["samples_per_s"], 2) for r in ok],
@@ -756,9 +774,12 @@ def _ratio(summary: dict, runs: dict, peer: str, on_gpu: bool) -> dict:
     key = _speed_key(r)
     pairs = [a[key] / b[key] for a, b in zip(runs["rawtune"], runs[peer]) if key in a and key in b]
     mem = "cuda_peak_mb" if on_gpu else "peak_rss_mb"
+    steady = (r["steady_samples_per_s"] / t["steady_samples_per_s"]
+              if r.get("steady_samples_per_s") and t.get("steady_samples_per_s") else None)
     return {"speed": r[key] / t[key], "samples_per_s": r["samples_per_s"] / t["samples_per_s"],
             "samples_per_s_no_ckpt": r["samples_per_s_no_ckpt"] / t["samples_per_s_no_ckpt"],
-            "per_pair": [round(p, 3) for p in pairs], "peak_memory": r[mem] / t[mem]}
+            "steady": steady, "per_pair": [round(p, 3) for p in pairs],
+            "peak_memory": r[mem] / t[mem]}
 
 
 def _ratio_lines(name: str, ratio: dict) -> tuple[str, str]:
@@ -771,6 +792,9 @@ def _ratio_lines(name: str, ratio: dict) -> tuple[str, str]:
     note = (f"- {name}: rawtune / best Trainer {ratio['measure'].replace('_', ' ')} per "
             f"alternated pair {ratio['per_pair']}; against each peer: "
             + ", ".join(f"{SIDE_NAMES[p]} {v:.2f}×" for p, v in ratio["vs_each"].items()))
+    if ratio.get("steady"):
+        note += (f"; samples/s at a steady pace (training forwards {STEADY_FROM + 1} to the "
+                 f"last: no set-up, compiling or final checkpoint) {ratio['steady']:.2f}×")
     return row, note
 
 
@@ -830,6 +854,11 @@ def markdown(results: dict) -> str:
             row, note = _ratio_lines(name, s["ratio"])
             lines.append(row)
             notes.append(note)
+        steady = {side: s[side].get("steady_samples_per_s") for side in w["runs"] if side in s}
+        if any(steady.values()):
+            notes.append(f"- {name}: samples/s at a steady pace (training forwards "
+                         f"{STEADY_FROM + 1} to the last): " + ", ".join(
+                             f"{SIDE_NAMES[side]} {fmt(v, '.2f')}" for side, v in steady.items()))
         if w.get("data_note"):
             notes.append(f"- {name}: {w['data_note']}")
     return "\n".join(lines + [""] + notes) + "\n"

@@ -40,7 +40,20 @@ def test_every_side_trains_the_same_rows_and_is_reported(tmp_path):
     assert ratio["measure"] == "tokens_per_s" and ratio["vs"] == "trainer-grouped"
     assert ratio["speed"] == pytest.approx(summary["rawtune"]["tokens_per_s"]
                                            / summary["trainer-grouped"]["tokens_per_s"])
-    assert "| **cls-tiny** |" in (tmp_path / "results.md").read_text()
+    # The steady pace leaves out the first 5 of 9 forwards and the final checkpoint.
+    steady = {side: summary[side]["steady_samples_per_s"] for side in ("rawtune",
+                                                                      "trainer-grouped")}
+    assert all(v > 0 for v in steady.values())
+    assert ratio["steady"] == pytest.approx(steady["rawtune"] / steady["trainer-grouped"])
+    md = (tmp_path / "results.md").read_text()
+    assert "| **cls-tiny** |" in md and "samples/s at a steady pace" in md
+
+
+def test_the_steady_pace_counts_from_the_sixth_forward():
+    marks = [(0.0, 0), (5.0, 8), (6.0, 16), (7.0, 24), (8.0, 32), (10.0, 40), (10.5, 48),
+             (11.0, 56)]  # (host clock, examples before) at each training forward
+    assert run.steady_samples_per_s(marks) == pytest.approx((56 - 40) / (11.0 - 10.0))
+    assert run.steady_samples_per_s(marks[:6]) is None  # too short to have a pace
 
 
 def test_the_headline_ratio_is_against_the_faster_peer(tmp_path, monkeypatch):
