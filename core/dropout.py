@@ -67,6 +67,12 @@ class LaneDropout(nn.Module):
         return f"p={self.p}"
 
 
+def lane_dropout_runs(cfg, device: torch.device) -> bool:
+    """Whether a run (a TrainConfig) swaps its dropout for lanes: on a CPU, with
+    --lane-dropout, without --compile (whose kernels fuse the draws)."""
+    return device.type == "cpu" and cfg.lane_dropout and not cfg.compile
+
+
 def use_lane_dropout(model: nn.Module) -> int:
     """Swap each `nn.Dropout` of `model` for a LaneDropout of its p; how many were swapped.
 

@@ -60,7 +60,7 @@ from core.batching import train_batches
 from core.best import BestKeeper
 from core.compiling import compile_model
 from core.config import TrainConfig
-from core.dropout import use_lane_dropout
+from core.dropout import lane_dropout_runs, use_lane_dropout
 from core.errors import UsageError
 from core.flops import StepFlops, peak_tflops
 from core.optim import build_adamw, clip_gradients, lr_factor, set_lr, warmup_steps_for
@@ -175,7 +175,7 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
     device, ckpt_root = accelerator.device, out_dir / "checkpoints"
     # What malloc does with each step's freed memory: reuse it, or give it back (host_memory).
     memory = host_memory.use_policy(cfg.cpu_memory, model) if device.type == "cpu" else None
-    if device.type == "cpu" and cfg.lane_dropout and not cfg.compile:
+    if lane_dropout_runs(cfg, device):
         use_lane_dropout(model)  # cheaper masks, same distribution (core/dropout.py)
         use_lane_attention(model)  # attention dropout a cache-sized chunk at a time
     # Counted before prepare(): a data-parallel wrapper hides the model's config.

@@ -30,7 +30,7 @@ import contextlib
 
 import torch
 
-from core.dropout import drops_in_lanes
+from core.dropout import drops_in_lanes, lane_dropout_runs
 
 
 def cast_is_a_round_trip(cfg, device: torch.device) -> bool:
@@ -40,10 +40,9 @@ def cast_is_a_round_trip(cfg, device: torch.device) -> bool:
         return False
     if cfg.lora_dropout == 0:
         return True
-    if cfg.compile:
-        return False
-    lanes = device.type == "cpu" and cfg.lane_dropout and drops_in_lanes(cfg.lora_dropout)
-    return lanes or device.type == "cuda"
+    if lane_dropout_runs(cfg, device):  # the loop swaps peft's dropout for lanes
+        return drops_in_lanes(cfg.lora_dropout)
+    return device.type == "cuda" and not cfg.compile
 
 
 def set_adapter_input_casts(model: torch.nn.Module, on: bool) -> list[torch.nn.Module]:
