@@ -16,7 +16,13 @@ cd "$(dirname "$0")/.."  # python -m bench runs from the repository root
 exec > >(tee -a "$out/log") 2>&1
 logger=$!
 work=$(mktemp -d)
-export PYTHONUNBUFFERED=1
+# One compiler cache for every step, outside the steps' scratch (which is removed):
+# the first compiled step (l3b-compile) pays a cold compile, as a user's first run
+# does, and the later ones reuse its kernels instead of compiling them again.
+export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
+# When each graph began and ended compiling, and why each recompilation came, in the
+# training processes' logs (kept below).
+export PYTHONUNBUFFERED=1 TORCH_LOGS=recompiles,dynamo
 pack() {  # a new archive, then renamed: a kill while packing keeps the last one whole
     tar czf "$out/.results.tgz" -C "$work" . && mv "$out/.results.tgz" "$out/results.tgz"
 }
@@ -26,13 +32,16 @@ step() {  # NAME, a time limit in seconds, then python -m bench's flags
     wanted "$name" || return 0
     echo "=== $name: python -m bench $* ($(date -u +%T))"
     # A step cut short writes no results.md, and leaves its scratch (a 3B model, 7 GB):
-    # its printed lines are kept, its scratch folder removed. SIGKILL, to the step's whole
-    # process group: a SIGTERM'd training run first finishes its step in flight, and one
-    # that was compiling held 14.7 GiB of the GPU through the next steps (2026-11-27).
+    # its printed lines and its training processes' logs are kept, its scratch folder
+    # removed. SIGKILL, to the step's whole process group: a SIGTERM'd training run
+    # first finishes its step in flight, and one that was compiling held 14.7 GiB of the
+    # GPU through the next steps (2026-11-27).
     mkdir -p "$work/tmp-$name"
     TMPDIR="$work/tmp-$name" timeout -s KILL "$limit" "$py" -m bench --out "$work/$name" \
-        --note "$name" "$@" 2>&1 | tee "$work/$name.log"
+        --note "$name" --keep-work "$@" 2>&1 | tee "$work/$name.log"
     echo "=== $name: exit ${PIPESTATUS[0]} ($(date -u +%T))"
+    mkdir -p "$work/$name/logs"
+    find "$work/tmp-$name" -name '*.log' -size -20M -exec cp {} "$work/$name/logs/" \;
     rm -rf "$work/tmp-$name"
     pack
 }
@@ -70,6 +79,7 @@ step dbert-compile 120 --workloads gpu-distilbert --repeats 1 --sides rawtune \
     --rawtune-arg=--compile
 step l3b-b16-compile 300 --workloads gpu-openllama-3b --repeats 1 --sides rawtune \
     --batch-size 16 --rawtune-arg=--compile
+rm -rf "$TORCHINDUCTOR_CACHE_DIR"
 echo "=== done ($(date -u +%T))"
 exec >&- 2>&-
 wait "$logger"  # until tee has written the last lines

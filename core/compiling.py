@@ -24,7 +24,16 @@ def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.ModuleList]:
 
 
 def compile_model(model: torch.nn.Module) -> None:
-    """Each repeated block compiled in place; a model without one, compiled whole."""
+    """Each repeated block compiled in place; a model without one, compiled whole.
+
+    Graphs compiled for an earlier model in this process are dropped first. A sweep
+    trains one model after another, and transformers' blocks of every class run through
+    one function (the gradient-checkpointing wrapper), whose graphs dynamo keeps
+    together up to its recompile limit of 8: the default sweep's ranks (a graph each
+    for training and evaluation, with other weight shapes at each rank) reached it
+    during r=16, and the rest of the sweep ran eagerly.
+    """
+    torch.compiler.reset()
     blocks = repeated_blocks(model)
     if not blocks:
         model.compile()

@@ -55,7 +55,7 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path):
 LAYERS = 6
 
 
-def lora_run(tmp_path, compile_: bool):
+def lora_run(tmp_path, compile_: bool, r: int = 4):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -66,10 +66,10 @@ def lora_run(tmp_path, compile_: bool):
     config = tiny_llama_config(VOCAB)
     config.num_hidden_layers = LAYERS
     model = get_peft_model(AutoModelForCausalLM.from_config(config),
-                           LoraConfig(r=4, target_modules=TARGETS, lora_dropout=0.0))
+                           LoraConfig(r=r, target_modules=TARGETS, lora_dropout=0.0))
     task = CausalLMTask(rows(8, seed=1), pad_id=0, eval_batch_size=8,
                         accelerator=Accelerator(cpu=True))
-    return trained(model, task, rows(16), 4, compile_, tmp_path / f"lora-compile-{compile_}")
+    return trained(model, task, rows(16), 4, compile_, tmp_path / f"lora-compile-{compile_}-r{r}")
 
 
 def test_compiled_lora_layers_stay_compiled_across_lengths(tmp_path, monkeypatch):
@@ -91,6 +91,22 @@ def test_compiled_lora_layers_stay_compiled_across_lengths(tmp_path, monkeypatch
     assert 1 <= counters["frames"]["total"] <= 2 < LAYERS
     assert losses == pytest.approx(eager_losses, rel=1e-4)
     assert compiled["eval"]["loss"] == pytest.approx(eager["eval"]["loss"], rel=1e-4)
+
+
+def test_each_model_of_a_sweep_is_compiled_afresh(tmp_path, monkeypatch):
+    # A sweep trains a model per rank in one process. Their blocks share one function,
+    # whose graphs dynamo caches together up to its recompile limit: lowered here to 2,
+    # what one model's training and evaluation fill, the second rank's blocks would
+    # run eagerly if the first's graphs were kept.
+    from torch._dynamo.utils import counters
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: compile_(self, **{**kw, "backend": "aot_eager"}))
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for r in (4, 8):
+            counters.clear()
+            lora_run(tmp_path, True, r)
+            assert counters["frames"]["ok"] >= 1, f"r={r}: nothing compiled"
 
 
 def test_a_decoder_classifier_builds_no_cache_but_an_encoder_is_not_asked():
