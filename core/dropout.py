@@ -18,6 +18,7 @@ and under --compile (whose kernels fuse the draws too), `nn.Dropout` stays.
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 LANES = 65536  # the values of one 16-bit lane
 
@@ -47,6 +48,27 @@ def lane_keep(shape: torch.Size, dropped: int, device: torch.device) -> torch.Te
     return lanes >= dropped - LANES // 2
 
 
+class KeptScaled(torch.autograd.Function):
+    """x · keep · scale, keep a tensor of 0/1 bytes; its backward, the same product of the
+    gradient. One pass over the elements each way, where `where(keep, x * scale, 0)`
+    took two, and a product with bytes is several times faster on a CPU than a select
+    or a product with booleans: the same values (x · scale, rounded once), a fifth less
+    time for a LoRA-sized dropout in fp32. As in nn.Dropout, a dropped inf or NaN
+    gives NaN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.addcmul(x.new_zeros(()), x, keep, value=scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        keep, = ctx.saved_tensors
+        return torch.addcmul(grad.new_zeros(()), grad, keep, value=ctx.scale), None, None
+
+
 class LaneDropout(nn.Module):
     """`nn.Dropout(p)` with masks cut from 64-bit random words, 16 bits an element."""
 
@@ -61,7 +83,8 @@ class LaneDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.dropped == 0:
             return x
-        return torch.where(lane_keep(x.shape, self.dropped, x.device), x * self.scale, 0.0)
+        keep = lane_keep(x.shape, self.dropped, x.device).view(torch.uint8)
+        return KeptScaled.apply(x, keep, self.scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -38,6 +38,24 @@ def test_masks_follow_the_seed_and_the_gradient_follows_the_mask():
     assert y.dtype == x.dtype and y.shape == x.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_product_gives_the_selects_values(dtype):
+    # x · keep · scale in one pass rounds as x · scale does: the values and gradients of
+    # `where(keep, x * scale, 0)`, bit for bit, in both precisions.
+    torch.manual_seed(5)
+    x = torch.randn(64, 300, dtype=dtype, requires_grad=True)
+    grad = torch.randn(64, 300, dtype=dtype)
+    dropout = LaneDropout(0.05).train()
+    torch.manual_seed(6)
+    y = dropout(x)
+    y.backward(grad)
+    torch.manual_seed(6)
+    keep = lane_keep(x.shape, dropout.dropped, x.device)
+    assert torch.equal(y, torch.where(keep, x * dropout.scale, 0.0))
+    assert torch.equal(x.grad, torch.where(keep, grad * dropout.scale, 0.0))
+    assert y.dtype == dtype and x.grad.dtype == dtype
+
+
 def test_evaluation_and_p_zero_pass_the_input_through():
     x = torch.randn(10)
     assert LaneDropout(0.5).eval()(x) is x
