@@ -135,9 +135,36 @@ def save_merged(model, source: str, dtype: torch.dtype, tokenizer, r_dir: Path) 
         from transformers import AutoModelForCausalLM
         base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         model = PeftModel.from_pretrained(base, r_dir / "adapter")
+    untie_adapted_embeddings(model)
     merged = model.merge_and_unload()  # last: merging folds the adapter into the base for good
     merged.save_pretrained(r_dir / "merged")
     tokenizer.save_pretrained(r_dir / "merged")
+
+
+def untie_adapted_embeddings(model) -> bool:
+    """Give the output layer a weight of its own where it shares the input embeddings'
+    and either carries an adapter; whether it did.
+
+    A tied base (SmolLM2, Gemma) holds one matrix for both. An adapter on lm_head
+    changes only the output's logits in training, but merging adds its update to that
+    one matrix, so the input embeddings would change too and the merged model answer
+    otherwise than base plus adapter. Untied, each keeps what it was trained as, and
+    the saved config says so, so loading does not tie them again.
+    """
+    base = model.get_base_model()
+    head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
+    if head is None or embeddings is None:
+        return False
+    # peft wraps an adapted layer; the frozen layer it adapts is its base_layer.
+    head_base = getattr(head, "base_layer", head)
+    embeddings_base = getattr(embeddings, "base_layer", embeddings)
+    adapted = head is not head_base or embeddings is not embeddings_base
+    if not adapted or head_base.weight is not embeddings_base.weight:
+        return False
+    head_base.weight = torch.nn.Parameter(head_base.weight.detach().clone(), requires_grad=False)
+    for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    return True
 
 
 def save_demo_base(config, seed: int, path: Path) -> None:

@@ -111,6 +111,34 @@ def test_merged_model_agrees_with_base_plus_adapter():
     torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["q_proj", "embed_tokens"]])
+def test_merging_into_tied_embeddings_keeps_the_other_side(tmp_path, targets):
+    # A tied base holds one matrix for the input embeddings and lm_head; merging an
+    # adapter of either into it changed both, and the merged model answered otherwise.
+    from core.demo import bpe_tokenizer
+    from tasks.lora_model import save_merged
+    torch.manual_seed(0)
+    config = tiny_llama_config(VOCAB)
+    config.tie_word_embeddings = True
+    base = AutoModelForCausalLM.from_config(config)
+    embeddings = base.get_input_embeddings().weight.detach().clone()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=targets, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:  # B, and an embedding's A, start at zero
+                param.normal_(std=0.05)
+    model.eval()
+    batch = pad_batch(rows(3), 0)
+    with torch.no_grad():
+        adapted = model(**batch).logits
+    save_merged(model, "unused", torch.float32, bpe_tokenizer(["a b c"] * 4), tmp_path)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted, rtol=0, atol=1e-5)
+    if targets[-1] == "lm_head":  # the input side as the base had it
+        assert torch.equal(merged.get_input_embeddings().weight, embeddings)
+
+
 @pytest.fixture(scope="module")
 def open_llama_dir(tmp_path_factory):
     texts = [json.loads(line)["output"] for line in open(data_file("qa.jsonl"))]
