@@ -1,10 +1,14 @@
 """Loading models and tokenizers by name or path, with one-line errors."""
 
+import warnings
 from typing import Any, Callable, TypeVar
 
 from core.errors import fail
 
 T = TypeVar("T")
+# peft (building an adapted model) and generate() read a property transformers itself
+# deprecated: a notice for those libraries, which every LoRA run printed once a rank.
+warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
 
 
 def load_pretrained(loader: Callable[..., T], name: str, what: str, **kwargs: Any) -> T:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -95,10 +94,7 @@ def generate_text(model, fmt: InstructFormat | ChatFormat, messages: list[dict],
     # model built for an autocast run may have off (tasks/adapter_casts.py). Blocks
     # compiled for training (--compile) answer eagerly: a few answers do not repay
     # compiling graphs for the key/value cache, one a layer (core/compiling.py).
-    with warnings.catch_warnings(), adapter_input_casts(model), \
-            torch.compiler.set_stance("force_eager"):
-        # generate() reads a property transformers itself deprecated: its notice, not the user's.
-        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+    with adapter_input_casts(model), torch.compiler.set_stance("force_eager"):
         out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                              max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, stopping_criteria=stop,
