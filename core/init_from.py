@@ -23,6 +23,7 @@ from core import checkpoint, manifest, sharded
 from core.errors import fail
 
 ADAPTER = "default"  # the name peft gives a model's one adapter, and leaves out of saved files
+DORA_MAGNITUDE = ".lora_magnitude_vector.weight"
 
 
 @dataclass
@@ -107,7 +108,12 @@ def _match(spec: str, source: _Source, model: torch.nn.Module) -> dict[str, str]
                    f"{checkpoint.KINDS[kind][1]} run")
 
     def stored(name: str) -> str:
-        return name.replace(f".{ADAPTER}", "") if source.peft_names else name
+        if not source.peft_names:
+            return name
+        name = name.replace(f".{ADAPTER}", "")
+        # DoRA's magnitudes are a module's weight in the model; peft saves them under
+        # the module's name.
+        return name.removesuffix(".weight") if name.endswith(DORA_MAGNITUDE) else name
 
     trainable = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     missing = [n for n in trainable if stored(n) not in source.shapes]

@@ -77,6 +77,21 @@ def test_a_lora_sweep_starts_from_an_earlier_adapter(earlier, source, tmp_path, 
     assert json.loads((out / "r4" / "metrics.json").read_text())["steps"] == 3
 
 
+def test_a_dora_run_starts_from_an_earlier_dora_adapter(tmp_path, first_forward):
+    # peft saves DoRA's magnitudes under the module's name, without the ".weight" the
+    # model's parameter has: the adapter was refused as not fitting.
+    dora = LORA + ["--use-dora", "--max-steps", "1"]
+    assert run_cli(train_lora.main, dora + ["--output-dir", str(tmp_path / "first")]) == 0
+    ended = torch.load(tmp_path / "first" / "r4" / "checkpoints" / "step-000001" / "model.pt",
+                       weights_only=True)
+    seen = first_forward(CausalLMTask)
+    assert run_cli(train_lora.main, dora + ["--output-dir", str(tmp_path / "second"),
+                                            "--init-from",
+                                            str(tmp_path / "first" / "r4" / "adapter")]) == 0
+    assert seen.keys() == ended.keys() and any("magnitude" in name for name in ended)
+    assert all(torch.equal(seen[name], ended[name]) for name in ended)
+
+
 def damaged(earlier, tmp_path) -> str:
     copy = tmp_path / "step-000004"
     shutil.copytree(earlier["cls checkpoint"], copy)
