@@ -41,7 +41,7 @@ from eval.sweep import final_train_loss, write_sweep
 from tasks import quantize
 from tasks.formats import row_format, tokenizer_texts
 from tasks.instruct import CausalLMTask
-from tasks.instruct_rows import load_examples, report_encoding
+from tasks.instruct_rows import check_added_fit, load_examples, report_encoding
 from tasks.lora_config import LoraRunConfig
 from tasks.lora_start import check_start
 from tasks.lora_model import (LLAMA_PROJECTIONS, base_dtype, build_lora_model,
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         check_target_modules(config, cfg.targets, cfg.model)
         check_start(cfg, config, out_dir)
         quantize.check_base(config, cfg)
+        check_added_fit(rows, cfg, fmt)
         train_enc = fmt.encode(rows.train, cfg.max_length, "the training data")
         eval_enc = fmt.encode(rows.eval, cfg.max_length, "the eval data")
         prompts = sample_prompts(cfg)

@@ -92,6 +92,15 @@ def load_examples(cfg) -> Rows:
     return Rows("chat" if column else "instruct", train + added, evaluation, len(added))
 
 
+def check_added_fit(rows: Rows, cfg, fmt) -> None:
+    """Each --add-example fits --max-length, or the run is refused in one line: a data
+    set's row whose answer cannot fit is dropped and counted, but one the user typed
+    would be dropped while the run said it was added."""
+    first = len(rows.train) - rows.n_added  # the typed ones come first among the added
+    for i, example in enumerate(rows.train[first:first + len(cfg.add_example)], 1):
+        fmt.encode([example], cfg.max_length, f"--add-example #{i}")  # refuses a dropped one
+
+
 def report_encoding(rows: Rows, train_enc: Encoded, eval_enc: Encoded, accelerator) -> None:
     cut = ("conversations that lost their earliest turns" if rows.kind == "chat"
            else "prompts cut")

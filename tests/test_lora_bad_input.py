@@ -44,6 +44,13 @@ CASES = {
     "missing extra examples file": (
         lambda d: ["--extra-examples", str(d / "none.jsonl")], "data file not found"),
     "empty added answer": (lambda d: ["--add-example", "Who?", " "], "#1 has an empty ANSWER"),
+    "added example too long": (
+        lambda d: ["--max-length", "32", "--add-example", "Who?", "Teal " * 40],
+        "--max-length 32 cannot hold any response of --add-example #1"),
+    "added chat example too long": (
+        lambda d: ["--train-file", write_rows(d / "ch.jsonl", [CHAT] * 20), "--max-length", "40",
+                   "--add-example", "Who?", "Teal " * 40],
+        "cannot hold the last exchange of any conversation of --add-example #1"),
     "added example without answer": (
         lambda d: ["--add-example", "Who?"], "expected 2 arguments"),
     "resume from a path": (
