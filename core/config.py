@@ -270,8 +270,10 @@ def read_config_file(path: str, cls: type[C]) -> dict[str, Any]:
     return values
 
 
-def _as_flags(values: dict[str, Any]) -> list[str]:
-    """Config-file settings spelt as command-line flags, so argparse converts every type alike."""
+def _as_flags(values: dict[str, Any], repeated: set[str]) -> list[str]:
+    """Config-file settings spelt as command-line flags, so argparse converts every type
+    alike; `repeated` names the flags given once per value (--sample-prompt A
+    --sample-prompt B), whose lists are spelt so."""
     argv: list[str] = []
     for name, value in values.items():
         # None and [] mean "not set here": the default stays. (A list flag takes at least
@@ -283,6 +285,8 @@ def _as_flags(values: dict[str, Any]) -> list[str]:
         elif isinstance(value, list) and value and isinstance(value[0], list):
             for item in value:  # a repeatable flag that takes several values each time
                 argv += [f"--{flag(name)}", *map(str, item)]
+        elif isinstance(value, list) and name in repeated:
+            argv += [f"--{flag(name)}={item}" for item in value]
         elif isinstance(value, list):
             argv += [f"--{flag(name)}", *map(str, value)]
         else:  # `--lr=-1e-05`: a value starting with "-" must not be read as a flag
@@ -301,7 +305,9 @@ def parse_config(cls: type[C], argv: list[str] | None, description: str,
         if arg.startswith("--") and name in cls.refused:
             raise fail(f"{arg.split('=', 1)[0]}: {cls.refused[name][0]}", cls.refused[name][1])
     pre, _ = parser.parse_known_args(argv)
-    file_flags = _as_flags(read_config_file(pre.config, cls)) if pre.config else []
+    repeated = {f.name for f in dataclasses.fields(cls)
+                if f.metadata.get("action") == "append" and f.metadata.get("nargs", 1) is None}
+    file_flags = _as_flags(read_config_file(pre.config, cls), repeated) if pre.config else []
     # Later flags win in argparse, so presets go first, then the file's settings.
     settings = parser.parse_args(file_flags + argv)
     if settings.demo and demo_presets:

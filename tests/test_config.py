@@ -89,6 +89,15 @@ def test_yaml_file_with_flag_spelling_and_lists(tmp_path):
     assert cfg.dataset == "imdb"  # null means "not set here": the default stays
 
 
+def test_a_list_of_a_flag_given_once_a_value(tmp_path):
+    # --sample-prompt takes one prompt a time: a file's list was spelt as one flag with
+    # every prompt after it, and argparse refused the second.
+    import train_lora
+    path = write(tmp_path / "c.yaml", 'sample_prompt:\n  - "Hi there"\n  - "-1 or 1?"\n')
+    cfg = parse_config(train_lora.LoraRunConfig, ["--config", path], train_lora.__doc__)
+    assert cfg.sample_prompt == ["Hi there", "-1 or 1?"]
+
+
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_empty_lists_in_the_file_keep_the_defaults(tmp_path, suffix):
     """Issue #16, extra item: a file holding an empty list (`add_example: []`, the default)
