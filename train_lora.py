@@ -91,8 +91,10 @@ def run_rank(r: int, source: str, cfg: LoraRunConfig, task: CausalLMTask, data: 
             sampler(model, r_dir.parent / BASE_FILE)
     resume = "latest" if cfg.resume_from and checkpoint.complete_checkpoints(
         r_dir / "checkpoints") else None
-    result = train(model, task, data, dataclasses.replace(cfg, resume_from=resume), accelerator,
-                   r_dir, trackers)
+    # The rank trains in r_dir; a resume is asked of the sweep's directory, so that is
+    # the --output-dir an interrupted rank's message names.
+    rank_cfg = dataclasses.replace(cfg, resume_from=resume, output_dir=str(r_dir.parent))
+    result = train(model, task, data, rank_cfg, accelerator, r_dir, trackers)
     metrics = {"r": r, "lora_alpha": cfg.alpha(r), "eval_loss": result["eval"]["loss"],
                "perplexity": result["eval"]["perplexity"], "eval_loss_before": baseline["loss"],
                "train_loss": result["train_loss"], "final_train_loss": final_train_loss(r_dir),

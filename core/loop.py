@@ -276,7 +276,7 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
                                      stop_at_fault=not cfg.skip_nonfinite)
             pending, stopping = [], stopping or signalled
             if fault:
-                raise _nonfinite_error(fault, ckpt_root, out_dir)
+                raise _nonfinite_error(fault, ckpt_root, cfg.output_dir or out_dir)
             if eval_now:
                 last_eval = _evaluate(model, task, accelerator, log, state, micro_per_epoch)
                 finished = best.update(last_eval, state["step"], model, log) or finished
@@ -288,7 +288,8 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
                 if stopping and not finished:
                     raise Stopped(f"interrupted at step {state['step']} of {total_steps}; "
                                   f"checkpoint saved to {path} — continue with the same "
-                                  f"command and --resume-from latest --output-dir {out_dir}",
+                                  f"command and --resume-from latest --output-dir "
+                                  f"{cfg.output_dir or out_dir}",
                                   code=128 + (stop.signum or signal.SIGTERM))
         if last_eval is None:  # resumed from the final checkpoint: nothing left but to score
             last_eval = _evaluate(model, task, accelerator, log, state, micro_per_epoch)
@@ -379,7 +380,7 @@ class _Fault:
     grad_norm: float
 
 
-def _nonfinite_error(fault: _Fault, ckpt_root: Path, out_dir: Path) -> Stopped:
+def _nonfinite_error(fault: _Fault, ckpt_root: Path, out_dir: str | Path) -> Stopped:
     saved = checkpoint.complete_checkpoints(ckpt_root)
     kept = (f"the last good checkpoint, {saved[-1]}, is kept (the same command and "
             f"--resume-from latest --output-dir {out_dir} continue from it)" if saved

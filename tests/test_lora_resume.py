@@ -37,7 +37,7 @@ def records(r_dir):
 
 
 @pytest.mark.parametrize("base", [[], ["--load-in-4bit"]], ids=["fp32 base", "4-bit base"])
-def test_interrupted_sweep_resumes_bit_exact(tmp_path, monkeypatch, base):
+def test_interrupted_sweep_resumes_bit_exact(tmp_path, monkeypatch, capsys, base):
     reference, run = tmp_path / "reference", tmp_path / "run"
     flags = FLAGS + base  # a 4-bit base is quantised anew, to the same bits, on resuming
     assert run_cli(train_lora.main, flags + ["--output-dir", str(reference)]) == 0
@@ -55,6 +55,9 @@ def test_interrupted_sweep_resumes_bit_exact(tmp_path, monkeypatch, base):
     monkeypatch.setattr(CausalLMTask, "loss_sum", interrupting)
     assert run_cli(train_lora.main, flags + ["--output-dir", str(run)]) == 128 + signal.SIGTERM
     monkeypatch.setattr(CausalLMTask, "loss_sum", real)
+    # The command it names is the one below: the sweep's directory, not the rank's.
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.endswith(f"--resume-from latest --output-dir {run}"), said
     assert (run / "r4" / "metrics.json").is_file() and not (run / "r8" / "metrics.json").exists()
 
     assert run_cli(train_lora.main, flags + ["--output-dir", str(run),
