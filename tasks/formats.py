@@ -76,6 +76,9 @@ def row_format(cfg, kind: str, tokenizer) -> InstructFormat | ChatFormat:
         raise fail(f"the tokenizer of {cfg.model} has no chat template",
                    "pass --chat-template chatml (shipped with rawtune) or --chat-template "
                    "FILE.jinja")
+    # The tokenizer saved beside the adapter and the merged model carries the template
+    # they were trained with, so apply_chat_template prompts them as training did.
+    tokenizer.chat_template = text
     return ChatFormat(ChatTemplate(text, tokenizer))
 
 

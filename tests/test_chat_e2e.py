@@ -36,6 +36,11 @@ def test_the_run_records_its_chat_template(chat_run):
     assert config["data_format"] == "chat" and config["prompt_template_text"] is None
     assert config["chat_template_text"] == named_template("chatml", demo=False)
     assert config["n_added"] == 1
+    # and the tokenizers saved with the adapter and the merged model carry it
+    from transformers import AutoTokenizer
+    for saved in ("adapter", "merged"):
+        tokenizer = AutoTokenizer.from_pretrained(chat_run / "r2" / saved)
+        assert tokenizer.chat_template == config["chat_template_text"], saved
 
 
 def test_the_preview_marks_answers_and_their_end_of_turn_only(chat_run):
