@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from core import best, checkpoint, run_dir
+from core import best, checkpoint, init_from, run_dir
 from core.config import parse_config
 from core.demo import data_file
 from core.errors import fail, run_cli
@@ -84,11 +84,14 @@ def run_rank(r: int, source: str, cfg: LoraRunConfig, task: CausalLMTask, data: 
     trainable, total = model.get_nb_trainable_parameters()
     if baseline is None:
         # LoRA's B matrices start at zero, so the untrained model is the base model:
-        # one evaluation serves as every rank's step 0.
+        # one evaluation serves as every rank's step 0. With --init-from the rank starts
+        # from those weights (the loop loads them): step 0 is theirs, the samples the base's.
         model.eval()
-        baseline = task.evaluate(model)
         if accelerator.is_main_process:  # a whole model still, even under --fsdp
             sampler(model, r_dir.parent / BASE_FILE)
+        if cfg.init_from:
+            init_from.load(model, cfg.init_from)
+        baseline = task.evaluate(model)
     resume = "latest" if cfg.resume_from and checkpoint.complete_checkpoints(
         r_dir / "checkpoints") else None
     # The rank trains in r_dir; a resume is asked of the sweep's directory, so that is
@@ -97,6 +100,7 @@ def run_rank(r: int, source: str, cfg: LoraRunConfig, task: CausalLMTask, data: 
     result = train(model, task, data, rank_cfg, accelerator, r_dir, trackers)
     metrics = {"r": r, "lora_alpha": cfg.alpha(r), "eval_loss": result["eval"]["loss"],
                "perplexity": result["eval"]["perplexity"], "eval_loss_before": baseline["loss"],
+               "init_from": cfg.init_from,
                "train_loss": result["train_loss"], "final_train_loss": final_train_loss(r_dir),
                "trainable_params": trainable, "total_params": total,
                "train_tokens_per_s": result["train_tokens_per_s"],

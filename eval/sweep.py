@@ -54,8 +54,9 @@ def write_sweep(out_dir: Path, results: list[dict]) -> None:
              f"{m['final_train_loss']:.4f}", f"{m['eval_loss']:.4f}", f"{m['perplexity']:.2f}",
              f"{m['train_s']:.1f}", f"{m['train_tokens_per_s']:.0f}"] for m in results]
     before = results[0]["eval_loss_before"]
-    note = f"Eval loss before training (the base model): {before:.4f} (perplexity " \
-           f"{math.exp(min(before, 700)):.2f})."
+    start = results[0].get("init_from")
+    note = f"Eval loss before training ({f'--init-from {start}' if start else 'the base model'})" \
+           f": {before:.4f} (perplexity {math.exp(min(before, 700)):.2f})."
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     title = "LoRA rank sweep" + (" (DoRA)" if results[0].get("use_dora") else "")

@@ -74,7 +74,12 @@ def test_a_lora_sweep_starts_from_an_earlier_adapter(earlier, source, tmp_path, 
     assert seen.keys() == ended.keys() and any("lora_B" in name for name in ended)
     assert all(torch.equal(seen[name], ended[name]) for name in ended)
     assert json.loads((out / "config.json").read_text())["init_from"] == str(earlier[source])
-    assert json.loads((out / "r4" / "metrics.json").read_text())["steps"] == 3
+    metrics = json.loads((out / "r4" / "metrics.json").read_text())
+    assert metrics["steps"] == 3
+    # Step 0 is where this run starts: the earlier run's final evaluation, not the base's.
+    ended_eval = json.loads((earlier["lora adapter"].parent / "metrics.json").read_text())
+    assert metrics["eval_loss_before"] == pytest.approx(ended_eval["eval_loss"], rel=1e-5)
+    assert f"before training (--init-from {earlier[source]})" in (out / "sweep.md").read_text()
 
 
 def test_a_dora_run_starts_from_an_earlier_dora_adapter(tmp_path, first_forward):
