@@ -56,7 +56,7 @@ def trained_scaling(spec: str) -> tuple[float, bool] | None:
     """(lora_alpha, use_rslora) the adapters at `spec` were trained with: from an
     adapter's adapter_config.json or, for a checkpoint RUN/rR/checkpoints/step-N, from
     the run's RUN/config.json; None where neither is there."""
-    path = Path(spec)
+    path = Path(spec).resolve()  # a relative checkpoint path names no run above it
     if (path / "adapter_config.json").is_file():
         saved = json.loads((path / "adapter_config.json").read_text())
         return float(saved["lora_alpha"]), bool(saved.get("use_rslora", False))
