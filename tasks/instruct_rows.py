@@ -93,12 +93,15 @@ def load_examples(cfg) -> Rows:
 
 
 def check_added_fit(rows: Rows, cfg, fmt) -> None:
-    """Each --add-example fits --max-length, or the run is refused in one line: a data
-    set's row whose answer cannot fit is dropped and counted, but one the user typed
-    would be dropped while the run said it was added."""
-    first = len(rows.train) - rows.n_added  # the typed ones come first among the added
-    for i, example in enumerate(rows.train[first:first + len(cfg.add_example)], 1):
-        fmt.encode([example], cfg.max_length, f"--add-example #{i}")  # refuses a dropped one
+    """Each added example (--add-example, --extra-examples) fits --max-length, or the
+    run is refused in one line: a data set's row whose answer cannot fit is dropped and
+    counted, but an added one would be dropped while the run said it was added."""
+    added = rows.train[len(rows.train) - rows.n_added:]  # the typed ones first
+    typed = len(cfg.add_example)
+    for i, example in enumerate(added):
+        where = (f"--add-example #{i + 1}" if i < typed
+                 else f"--extra-examples {cfg.extra_examples} (row {i - typed + 1})")
+        fmt.encode([example], cfg.max_length, where)  # refuses one that cannot fit
 
 
 def report_encoding(rows: Rows, train_enc: Encoded, eval_enc: Encoded, accelerator) -> None:

@@ -51,6 +51,10 @@ CASES = {
         lambda d: ["--train-file", write_rows(d / "ch.jsonl", [CHAT] * 20), "--max-length", "40",
                    "--add-example", "Who?", "Teal " * 40],
         "cannot hold the last exchange of any conversation of --add-example #1"),
+    "extra example too long": (
+        lambda d: ["--max-length", "32", "--extra-examples",
+                   write_rows(d / "x.jsonl", [GOOD, {**GOOD, "output": "Teal " * 40}])],
+        "cannot hold any response of --extra-examples"),
     "added example without answer": (
         lambda d: ["--add-example", "Who?"], "expected 2 arguments"),
     "resume from a path": (
