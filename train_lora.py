@@ -96,7 +96,8 @@ def run_rank(r: int, source: str, cfg: LoraRunConfig, task: CausalLMTask, data: 
         r_dir / "checkpoints") else None
     # The rank trains in r_dir; a resume is asked of the sweep's directory, so that is
     # the --output-dir an interrupted rank's message names.
-    rank_cfg = dataclasses.replace(cfg, resume_from=resume, output_dir=str(r_dir.parent))
+    rank_cfg = dataclasses.replace(cfg, resume_from=resume, output_dir=str(r_dir.parent),
+                                   init_from=None if resume else cfg.init_from)
     result = train(model, task, data, rank_cfg, accelerator, r_dir, trackers)
     metrics = {"r": r, "lora_alpha": cfg.alpha(r), "eval_loss": result["eval"]["loss"],
                "perplexity": result["eval"]["perplexity"], "eval_loss_before": baseline["loss"],
@@ -198,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     task = CausalLMTask(eval_enc.rows, tokenizer.pad_token_id, cfg.eval_batch_size, accelerator,
                         cfg.pad_multiple(accelerator.device))
     data = TrainData(train_enc.rows, task.collate, [len(r["input_ids"]) for r in train_enc.rows])
+    kept = out_dir / "config.json"
+    if resuming and not cfg.init_from and kept.is_file():  # a run begun with --init-from:
+        begun = json.loads(kept.read_text()).get("init_from")  # step 0 is still its source
+        cfg = dataclasses.replace(cfg, init_from=begun if begun and Path(begun).exists() else None)
     results, baseline, sampler = [], None, Sampler(prompts, fmt, cfg)
     # The fp16 loss scale adapts to a run: each rank starts from the initial one.
     fresh_scaler = accelerator.scaler.state_dict() if accelerator.scaler else None

@@ -276,7 +276,7 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
                                      stop_at_fault=not cfg.skip_nonfinite)
             pending, stopping = [], stopping or signalled
             if fault:
-                raise _nonfinite_error(fault, ckpt_root, cfg.output_dir or out_dir)
+                raise _nonfinite_error(fault, ckpt_root, _resume_command(cfg, out_dir))
             if eval_now:
                 last_eval = _evaluate(model, task, accelerator, log, state, micro_per_epoch)
                 finished = best.update(last_eval, state["step"], model, log) or finished
@@ -287,9 +287,8 @@ def train(model: torch.nn.Module, task: Task, data: TrainData, cfg: TrainConfig,
                 log.print(f"checkpoint saved: {path}")
                 if stopping and not finished:
                     raise Stopped(f"interrupted at step {state['step']} of {total_steps}; "
-                                  f"checkpoint saved to {path} — continue with the same "
-                                  f"command and --resume-from latest --output-dir "
-                                  f"{cfg.output_dir or out_dir}",
+                                  f"checkpoint saved to {path} — continue with "
+                                  f"{_resume_command(cfg, out_dir)}",
                                   code=128 + (stop.signum or signal.SIGTERM))
         if last_eval is None:  # resumed from the final checkpoint: nothing left but to score
             last_eval = _evaluate(model, task, accelerator, log, state, micro_per_epoch)
@@ -380,11 +379,17 @@ class _Fault:
     grad_norm: float
 
 
-def _nonfinite_error(fault: _Fault, ckpt_root: Path, out_dir: str | Path) -> Stopped:
+def _resume_command(cfg: TrainConfig, out_dir: Path) -> str:
+    """What continues this run: the same command with --resume-from and the run's
+    --output-dir (a LoRA rank's sweep's), without --init-from (which starts a new run)."""
+    return (f"the same command{' without --init-from' if cfg.init_from else ''} and "
+            f"--resume-from latest --output-dir {cfg.output_dir or out_dir}")
+
+
+def _nonfinite_error(fault: _Fault, ckpt_root: Path, resume: str) -> Stopped:
     saved = checkpoint.complete_checkpoints(ckpt_root)
-    kept = (f"the last good checkpoint, {saved[-1]}, is kept (the same command and "
-            f"--resume-from latest --output-dir {out_dir} continue from it)" if saved
-            else "no checkpoint was saved")
+    kept = (f"the last good checkpoint, {saved[-1]}, is kept ({resume} continue from it)"
+            if saved else "no checkpoint was saved")
     return Stopped(f"non-finite loss or gradient norm at step {fault.step} (loss {fault.loss}, "
                    f"grad norm {fault.grad_norm}); the step was not applied and {kept} — lower "
                    f"--lr, check the data, or pass --skip-nonfinite to skip such steps", code=1)

@@ -82,6 +82,42 @@ def test_a_lora_sweep_starts_from_an_earlier_adapter(earlier, source, tmp_path, 
     assert f"before training (--init-from {earlier[source]})" in (out / "sweep.md").read_text()
 
 
+def test_an_interrupted_run_from_an_adapter_resumes_as_it_says(earlier, tmp_path, monkeypatch,
+                                                               capsys):
+    import os
+    import signal
+    out, real, calls = tmp_path / "more", CausalLMTask.loss_sum, {"n": 0}
+
+    def interrupting(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, model, batch)
+
+    monkeypatch.setattr(CausalLMTask, "loss_sum", interrupting)
+    flags = LORA + ["--max-steps", "3", "--output-dir", str(out)]
+    source = ["--init-from", str(earlier["lora adapter"])]
+    assert run_cli(train_lora.main, flags + source) == 128 + signal.SIGTERM
+    monkeypatch.setattr(CausalLMTask, "loss_sum", real)
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.endswith("the same command without --init-from and --resume-from latest "
+                         f"--output-dir {out}"), said
+    assert run_cli(train_lora.main, flags + ["--resume-from", "latest"]) == 0
+    metrics = json.loads((out / "r4" / "metrics.json").read_text())
+    ended_eval = json.loads((earlier["lora adapter"].parent / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["init_from"] == str(earlier["lora adapter"])
+    assert metrics["eval_loss_before"] == pytest.approx(ended_eval["eval_loss"], rel=1e-5)
+
+
+def test_the_scale_of_a_checkpoint_is_read_from_a_relative_path_too(earlier, monkeypatch):
+    from tasks.lora_start import trained_scaling
+    checkpoint_dir = earlier["lora checkpoint"]
+    monkeypatch.chdir(checkpoint_dir.parent.parent)  # the rank's directory
+    assert trained_scaling(f"checkpoints/{checkpoint_dir.name}") == (8.0, False)
+    monkeypatch.chdir(checkpoint_dir.parent)
+    assert trained_scaling(checkpoint_dir.name) == (8.0, False)
+
+
 def test_a_dora_run_starts_from_an_earlier_dora_adapter(tmp_path, first_forward):
     # peft saves DoRA's magnitudes under the module's name, without the ".weight" the
     # model's parameter has: the adapter was refused as not fitting.
