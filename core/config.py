@@ -310,18 +310,8 @@ def parse_config(cls: type[C], argv: list[str] | None, description: str,
     file_flags = _as_flags(read_config_file(pre.config, cls), repeated) if pre.config else []
     # Later flags win in argparse, so presets go first, then the file's settings.
     settings = parser.parse_args(file_flags + argv)
-    layers = [file_flags, argv]
     if settings.demo and demo_presets:
         settings = parser.parse_args(list(demo_presets) + file_flags + argv)
-        layers.insert(0, list(demo_presets))
-    # argparse adds a repeatable flag's values up across the layers; the last layer that
-    # gives it wins instead, as for every other setting.
-    for name in (f.name for f in dataclasses.fields(cls) if f.metadata.get("action") == "append"):
-        for layer in reversed(layers):
-            given = getattr(parser.parse_args(layer), name) if layer else None
-            if given:
-                setattr(settings, name, given)
-                break
     cfg = cls(**vars(settings))
     cfg.validate()
     return cfg

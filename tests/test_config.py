@@ -98,22 +98,6 @@ def test_a_list_of_a_flag_given_once_a_value(tmp_path):
     assert cfg.sample_prompt == ["Hi there", "-1 or 1?"]
 
 
-def test_a_repeatable_flag_is_overridden_not_added_to(tmp_path):
-    # Flags over the file over the demo's presets, for flags given once a value too:
-    # argparse would add the layers' prompts up.
-    import train_lora
-    path = write(tmp_path / "c.yaml", 'sample_prompt: ["From file"]\n')
-
-    def prompts(*argv):
-        return parse_config(train_lora.LoraRunConfig, ["--config", path, *argv],
-                            train_lora.__doc__, train_lora.DEMO_FLAGS).sample_prompt
-    assert prompts() == prompts("--demo") == ["From file"]
-    assert prompts("--demo", "--sample-prompt", "A", "--sample-prompt", "B") == ["A", "B"]
-    demo = parse_config(train_lora.LoraRunConfig, ["--demo"], train_lora.__doc__,
-                        train_lora.DEMO_FLAGS).sample_prompt
-    assert len(demo) == 2 and "From file" not in demo  # the presets' own, alone
-
-
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_empty_lists_in_the_file_keep_the_defaults(tmp_path, suffix):
     """Issue #16, extra item: a file holding an empty list (`add_example: []`, the default)
