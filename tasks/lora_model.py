@@ -141,9 +141,9 @@ def save_merged(model, source: str, dtype: torch.dtype, tokenizer, r_dir: Path) 
     tokenizer.save_pretrained(r_dir / "merged")
 
 
-def untie_adapted_embeddings(model) -> bool:
+def untie_adapted_embeddings(model) -> None:
     """Give the output layer a weight of its own where it shares the input embeddings'
-    and either carries an adapter; whether it did.
+    and either carries an adapter.
 
     A tied base (SmolLM2, Gemma) holds one matrix for both. An adapter on lm_head
     changes only the output's logits in training, but merging adds its update to that
@@ -154,17 +154,16 @@ def untie_adapted_embeddings(model) -> bool:
     base = model.get_base_model()
     head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
     if head is None or embeddings is None:
-        return False
+        return
     # peft wraps an adapted layer; the frozen layer it adapts is its base_layer.
     head_base = getattr(head, "base_layer", head)
     embeddings_base = getattr(embeddings, "base_layer", embeddings)
     adapted = head is not head_base or embeddings is not embeddings_base
     if not adapted or head_base.weight is not embeddings_base.weight:
-        return False
+        return
     head_base.weight = torch.nn.Parameter(head_base.weight.detach().clone(), requires_grad=False)
     for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
         config.tie_word_embeddings = False
-    return True
 
 
 def save_demo_base(config, seed: int, path: Path) -> None:
