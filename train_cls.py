@@ -28,6 +28,7 @@ from eval.classification import plot_confusion_matrix
 from eval.plot import plot_runs
 from tasks.classification import (ClassificationTask, forward_inputs, label_map,
                                   one_class_warning, tokenize)
+from tasks.head_row import first_row_only
 
 PRODUCED = ["config.json", "train_log.jsonl", "metrics.json", "predictions.jsonl",
             "confusion_matrix.png", "curves.png", "model", "checkpoints", "best", "tb"]
@@ -47,6 +48,9 @@ class ClsConfig(TrainConfig):
     text_column: str = opt("text", "column holding the text")
     text_pair_column: str | None = opt(None, "column holding a second text (sentence pairs)")
     label_column: str = opt("label", "column holding the label: int ids or class names")
+    head_row_only: bool = opt(True, "BERT, RoBERTa and DistilBERT classifiers: the last layer "
+                                    "computes only the first token's row, the one the head "
+                                    "reads (the same logits for less work; tasks/head_row.py)")
 
     EVAL_METRICS: ClassVar[tuple[str, ...]] = ("accuracy", "f1", "precision", "recall", "loss")
     # train_lora.py's quantised bases: frozen weights only, and this script trains them all.
@@ -169,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         agreed.what = {**cfg.to_dict(), "training data": checkpoint.data_fingerprint(train_rows),
                        "eval data": checkpoint.data_fingerprint(eval_rows)}
     model = load_model(cfg, config)  # last: the weights are the slow part
+    # What config.json records is what runs: off for a model whose head reads more rows.
+    cfg.head_row_only = cfg.head_row_only and first_row_only(model)
 
     if accelerator.is_main_process:
         run_dir.create(out_dir, PRODUCED, cfg.overwrite, bool(cfg.resume_from))

@@ -3,7 +3,11 @@
 MFU is the share of the accelerator's peak that goes into the model's own
 arithmetic. It counts what the model must compute, not what the kernels happen to
 do (padding, recomputation and attention masks earn nothing), so it compares
-runs, libraries and machines on equal terms.
+runs, libraries and machines on equal terms. By the same rule, work a run skips
+because nothing reads it is counted as if done: a classifier's last layer at every
+row (tasks/head_row.py computes one), the LM head at every position. MFU is then the
+standard model's FLOPs per second over the peak, which another library's figure can
+be set beside.
 """
 
 import re

@@ -27,6 +27,7 @@ from core.demo import tiny_distilbert_config
 from core.loop import TrainData, train
 from core.optim import param_groups
 from tasks.classification import ClassificationTask
+from tasks.head_row import first_row_only
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_worker import VOCAB, synthetic_rows  # noqa: E402
@@ -89,8 +90,11 @@ def test_weight_decay_goes_to_the_same_parameters(model, tmp_path):
     assert ours == set(trainer.get_decay_parameter_names(model))
 
 
-def test_per_step_losses_match_trainer(model, rows, tmp_path, monkeypatch):
+@pytest.mark.parametrize("head_row_only", [False, True])  # train_cls.py's default: True
+def test_per_step_losses_match_trainer(model, rows, tmp_path, monkeypatch, head_row_only):
     theirs_model, ours_model = copy.deepcopy(model), copy.deepcopy(model)
+    if head_row_only:
+        assert first_row_only(ours_model)
     trainer, theirs = trainer_run(theirs_model, rows, tmp_path / "hf")
     ours = rawtune_run(ours_model, rows, tmp_path / "rawtune", monkeypatch)
     assert len(theirs) == len(ours) == STEPS
