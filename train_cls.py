@@ -48,9 +48,10 @@ class ClsConfig(TrainConfig):
     text_column: str = opt("text", "column holding the text")
     text_pair_column: str | None = opt(None, "column holding a second text (sentence pairs)")
     label_column: str = opt("label", "column holding the label: int ids or class names")
-    head_row_only: bool = opt(True, "BERT, RoBERTa and DistilBERT classifiers: the last layer "
-                                    "computes only the first token's row, the one the head "
-                                    "reads (the same logits for less work; tasks/head_row.py)")
+    head_row_only: bool = opt(True, "BERT-style classifiers (BERT, RoBERTa, XLM-R, CamemBERT, "
+                                    "ELECTRA, DistilBERT): the last layer computes only the "
+                                    "first token's row, the one the head reads (the same "
+                                    "logits for less work; tasks/head_row.py)")
 
     EVAL_METRICS: ClassVar[tuple[str, ...]] = ("accuracy", "f1", "precision", "recall", "loss")
     # train_lora.py's quantised bases: frozen weights only, and this script trains them all.

@@ -1,9 +1,9 @@
 """The last encoder layer computed at the one position the classifier reads.
 
-BERT, RoBERTa and DistilBERT classify from the last layer's first row alone (the [CLS]
-or <s> token: BERT's pooler, RoBERTa's head and DistilBERT's `pre_classifier` all take
-`hidden[:, 0]`). The transformers layer computes every row all the same, and the head
-throws all but one away. In that last layer only the keys and values need every
+BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA and DistilBERT classify from the last layer's
+first row alone (the [CLS] or <s> token: BERT's pooler, the RoBERTa-style heads and
+DistilBERT's `pre_classifier` all take `hidden[:, 0]`). The transformers layer computes
+every row all the same, and the head throws all but one away. In that last layer only the keys and values need every
 position; the query, the attention output, the feed-forward block and the layer norms
 are needed at the first position only. `first_row_only(model)` makes the last layer
 compute just that: for MiniLM's 6 layers about a seventh of a training step's matrix
@@ -19,15 +19,14 @@ kernel other than eager, sdpa or rawtune's own, the layer runs as transformers w
 Under --compile the last layer is a graph of its own, beside the one the others share.
 """
 
+import sys
 from functools import partial
 
 import torch
-from transformers import (BertForSequenceClassification, DistilBertForSequenceClassification,
-                          RobertaForSequenceClassification)
+from transformers import (BertForSequenceClassification, CamembertForSequenceClassification,
+                          DistilBertForSequenceClassification, ElectraForSequenceClassification,
+                          RobertaForSequenceClassification, XLMRobertaForSequenceClassification)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.bert import modeling_bert
-from transformers.models.distilbert import modeling_distilbert
-from transformers.models.roberta import modeling_roberta
 
 from core.attention import NAME as LANES
 
@@ -61,39 +60,42 @@ def _first_row_attention(attn, q_proj, k_proj, v_proj, hidden, mask, default):
     return out.reshape(batch, 1, -1)
 
 
-def _bert_layer(layer, hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs):
-    """BertLayer's (and RobertaLayer's) forward at the first position. `args`: the
-    encoder's states BertEncoder passes by position, None in an encoder (a decoder is
-    never patched)."""
+def _bert_layer(layer, eager, hidden_states: torch.Tensor, attention_mask=None, *args,
+                **kwargs):
+    """BertLayer's forward (and its copies': RoBERTa, ELECTRA...) at the first position.
+    `args`: the encoder's states BertEncoder passes by position, None in an encoder (a
+    decoder is never patched)."""
     attn = layer.attention.self
     if _whole_layer(layer, attn, kwargs):
         return type(layer).forward(layer, hidden_states, attention_mask, *args, **kwargs)
-    eager = modeling_roberta.eager_attention_forward if isinstance(
-        layer, modeling_roberta.RobertaLayer) else modeling_bert.eager_attention_forward
     out = _first_row_attention(attn, attn.query, attn.key, attn.value, hidden_states,
                                attention_mask, eager)
     attention_output = layer.attention.output(out, hidden_states[:, :1])
     return layer.feed_forward_chunk(attention_output)
 
 
-def _distilbert_block(block, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
+def _distilbert_block(block, eager, hidden_states: torch.Tensor, attention_mask=None,
+                      **kwargs):
     """DistilBERT's TransformerBlock forward at the first position."""
     attn = block.attention
     if _whole_layer(block, attn, kwargs):
         return type(block).forward(block, hidden_states, attention_mask, **kwargs)
     out = _first_row_attention(attn, attn.q_lin, attn.k_lin, attn.v_lin, hidden_states,
-                               attention_mask, modeling_distilbert.eager_attention_forward)
+                               attention_mask, eager)
     attention_output = block.sa_layer_norm(attn.out_lin(out) + hidden_states[:, :1])
     # ff_chunk, not ffn: the feed-forward's chunking over positions has one row to split.
     ffn_output = block.ffn.ff_chunk(attention_output)
     return block.output_layer_norm(ffn_output + attention_output)
 
 
-# The classifiers known to read the first row only, and where their last layer is.
-FAMILIES = {BertForSequenceClassification: ("bert", "encoder", _bert_layer),
-            RobertaForSequenceClassification: ("roberta", "encoder", _bert_layer),
-            DistilBertForSequenceClassification: ("distilbert", "transformer",
-                                                  _distilbert_block)}
+# The classifiers known to read the first row only, the name of their layers' stack in
+# the model's body, and the forward for its last layer.
+FAMILIES = {BertForSequenceClassification: ("encoder", _bert_layer),
+            RobertaForSequenceClassification: ("encoder", _bert_layer),
+            XLMRobertaForSequenceClassification: ("encoder", _bert_layer),
+            CamembertForSequenceClassification: ("encoder", _bert_layer),
+            ElectraForSequenceClassification: ("encoder", _bert_layer),
+            DistilBertForSequenceClassification: ("transformer", _distilbert_block)}
 
 
 def first_row_only(model: torch.nn.Module) -> bool:
@@ -103,10 +105,11 @@ def first_row_only(model: torch.nn.Module) -> bool:
     family = next((f for cls, f in FAMILIES.items() if type(base) is cls), None)
     if family is None or base.config._attn_implementation not in KERNELS:
         return False
-    body, stack, forward = family
-    layers = getattr(getattr(base, body), stack).layer
+    stack, forward = family
+    layers = getattr(base.base_model, stack).layer
     if getattr(base.config, "is_decoder", False) or not layers:
         return False
+    eager = sys.modules[type(base).__module__].eager_attention_forward  # the family's own
     # A partial, not a bound method: it pickles and deep-copies with the model.
-    layers[-1].forward = partial(forward, layers[-1])
+    layers[-1].forward = partial(forward, layers[-1], eager)
     return True

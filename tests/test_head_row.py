@@ -5,10 +5,13 @@ import json
 
 import pytest
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
-                          DistilBertForSequenceClassification, LlamaConfig,
+from transformers import (BertConfig, BertForSequenceClassification, CamembertConfig,
+                          CamembertForSequenceClassification, DistilBertConfig,
+                          DistilBertForSequenceClassification, ElectraConfig,
+                          ElectraForSequenceClassification, LlamaConfig,
                           LlamaForSequenceClassification, RobertaConfig,
-                          RobertaForSequenceClassification)
+                          RobertaForSequenceClassification, XLMRobertaConfig,
+                          XLMRobertaForSequenceClassification)
 
 import core.attention as attention
 import train_cls
@@ -32,7 +35,12 @@ def tiny(family: str, implementation: str = "sdpa", dropout: float = 0.0, **extr
         return DistilBertForSequenceClassification._from_config(
             config, attn_implementation=implementation)
     kind, model = {"bert": (BertConfig, BertForSequenceClassification),
-                   "roberta": (RobertaConfig, RobertaForSequenceClassification)}[family]
+                   "roberta": (RobertaConfig, RobertaForSequenceClassification),
+                   "xlm-roberta": (XLMRobertaConfig, XLMRobertaForSequenceClassification),
+                   "camembert": (CamembertConfig, CamembertForSequenceClassification),
+                   "electra": (ElectraConfig, ElectraForSequenceClassification)}[family]
+    if family == "electra":
+        extra["embedding_size"] = 16  # projected up to the hidden size, as ELECTRA does
     config = kind(**SIZES, hidden_dropout_prob=0.0, attention_probs_dropout_prob=dropout,
                   pad_token_id=0, **extra)
     return model._from_config(config, attn_implementation=implementation)
@@ -60,7 +68,8 @@ def loss_and_grads(model, inputs):
     return out.logits, out.loss, torch.autograd.grad(out.loss, list(model.parameters()))
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "xlm-roberta", "camembert", "electra",
+                                    "distilbert"])
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 def test_logits_and_gradients_are_the_full_models(family, implementation):
     # DistilBERT's feed-forward in chunks of 17 positions (the batch's length, which the
@@ -100,7 +109,7 @@ def test_a_model_deep_copies_and_pickles_with_it():
     assert first_row_only(model)
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         layer = last_layer(other)
-        assert layer.forward.args == (layer,)  # bound to the copy's layer, not the original's
+        assert layer.forward.args[0] is layer  # the copy's layer, not the original's
         torch.testing.assert_close(other.eval()(**batch("bert")).logits,
                                    model.eval()(**batch("bert")).logits)
 
