@@ -16,6 +16,7 @@ from core.errors import fail
 from core.pretrained import check_max_length, load_pretrained
 from tasks import quantize
 from tasks.adapter_casts import cast_is_a_round_trip, set_adapter_input_casts
+from tasks.adapter_product import adapters_in_one_product
 from tasks.instruct import ALPACA_WITH_INPUT
 from tasks.lora_start import lora_config
 
@@ -114,6 +115,7 @@ def build_lora_model(source: str, r: int, cfg, dtype: torch.dtype, device: torch
     model = get_peft_model(base, lora_config(r, cfg))
     if cast_is_a_round_trip(cfg, device):  # peft's cast up, autocast's back down
         set_adapter_input_casts(model, False)
+    adapters_in_one_product(model)  # B's product, its scaling and the sum in one addmm
     return model
 
 

@@ -32,6 +32,20 @@ def smollm2() -> Path:
     return built_model("smollm2-135m-instruct", SHARED)
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A seeded tiny Llama saved to disk (hidden 64, 2 layers, 300 tokens): every
+    projection LoRA targets, at a size where a test's steps take milliseconds."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    path = tmp_path_factory.mktemp("tiny_llama") / "llama"
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         vocab_size=300, num_attention_heads=4, num_key_value_heads=4)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for modules of tiny models: they gain nothing from a second one,

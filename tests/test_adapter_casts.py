@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 import train_lora
 from core.dropout import use_lane_dropout
@@ -18,19 +17,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    path = tmp_path_factory.mktemp("casts") / "llama"
-    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         vocab_size=300, num_attention_heads=4, num_key_value_heads=4)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return path
-
-
-def build(saved, **flags):
-    cfg = LoraRunConfig(model=str(saved), lora_r=[4], **flags)
-    return build_lora_model(str(saved), 4, cfg, base_dtype(CPU, cfg.mixed_precision), CPU)
+def build(tiny_llama, **flags):
+    cfg = LoraRunConfig(model=str(tiny_llama), lora_r=[4], **flags)
+    return build_lora_model(str(tiny_llama), 4, cfg, base_dtype(CPU, cfg.mixed_precision), CPU)
 
 
 def casting(model) -> set:
@@ -49,8 +38,8 @@ def casting(model) -> set:
     ({"mixed_precision": "bf16", "fsdp": True}, {True}),      # FSDP's policy, no autocast
     ({"mixed_precision": "bf16", "use_dora": True}, {True}),  # DoRA's norm would move to bf16
 ])
-def test_the_cast_is_off_only_where_autocast_undoes_it_unchanged(saved, flags, want):
-    assert casting(build(saved, **flags)) == want
+def test_the_cast_is_off_only_where_autocast_undoes_it_unchanged(tiny_llama, flags, want):
+    assert casting(build(tiny_llama, **flags)) == want
 
 
 def test_torch_dropout_on_a_cpu_would_change_the_values():
@@ -65,12 +54,12 @@ def test_torch_dropout_on_a_cpu_would_change_the_values():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
-def test_without_the_cast_loss_and_gradients_are_the_same_bits(saved, dropout):
+def test_without_the_cast_loss_and_gradients_are_the_same_bits(tiny_llama, dropout):
     """bf16 autocast over a bf16 base, as train_lora runs it on a CPU (lane dropout)."""
     ids = torch.randint(0, 300, (3, 19), generator=torch.Generator().manual_seed(1))
     results = []
     for cast in (True, False):
-        model = build(saved, mixed_precision="bf16", lora_dropout=dropout)
+        model = build(tiny_llama, mixed_precision="bf16", lora_dropout=dropout)
         for name, p in model.named_parameters():  # B starts at zero: give it values
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(2))
