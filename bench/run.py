@@ -999,8 +999,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench import peak as bench_peak
     on_gpu = torch.cuda.is_available()
-    # A CPU's peak is measured in each precision, before any workload loads the machine.
-    cpu_peaks = {} if on_gpu else bench_peak.cpu_peaks()
+    # A CPU's peak is measured in the precisions the run uses, before any workload loads
+    # the machine.
+    precisions = {args.mixed_precision or WORKLOADS[name].get("mixed_precision", "no")
+                  for name in args.workloads if not WORKLOADS[name]["gpu"]}
+    cpu_peaks = {} if on_gpu else bench_peak.cpu_peaks(sorted(precisions))
     results = {"meta": meta(args, argv, on_gpu, cpu_peaks), "workloads": {}}
     work = Path(tempfile.mkdtemp(prefix="rawtune-bench-"))
     try:

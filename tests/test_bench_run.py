@@ -57,7 +57,7 @@ def test_the_steady_pace_counts_from_the_sixth_forward():
 
 
 def test_the_headline_ratio_is_against_the_faster_peer(tmp_path, monkeypatch):
-    monkeypatch.setattr(peak, "cpu_peaks", lambda: {"no": 1e-1, "bf16": 2e-1})
+    monkeypatch.setattr(peak, "cpu_peaks", lambda precisions: {"no": 1e-1, "bf16": 2e-1})
     monkeypatch.setattr(run, "prepare", lambda name, spec, args, work, on_gpu:
                         {**spec, "workload": name, "steps": 2})
     speed = {"rawtune": 120.0, "trainer": 60.0, "trainer-grouped": 100.0}
@@ -74,7 +74,7 @@ def test_the_headline_ratio_is_against_the_faster_peer(tmp_path, monkeypatch):
 
 
 def test_a_side_that_crashes_fails_the_command(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(peak, "cpu_peaks", lambda: {"no": 1e-1, "bf16": 2e-1})
+    monkeypatch.setattr(peak, "cpu_peaks", lambda precisions: {"no": 1e-1, "bf16": 2e-1})
     monkeypatch.setattr(run, "prepare", lambda name, spec, args, work, on_gpu:
                         {**spec, "workload": name, "steps": 2})
     measured = {"train_s": 1.0, "samples_per_s": 8.0, "tokens_per_s": 80.0, "tflops": 1e-3,
@@ -90,7 +90,7 @@ def test_a_side_that_crashes_fails_the_command(tmp_path, monkeypatch, capsys):
 
 
 def test_sides_chooses_who_runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(peak, "cpu_peaks", lambda: {"no": 1e-1, "bf16": 2e-1})
+    monkeypatch.setattr(peak, "cpu_peaks", lambda precisions: {"no": 1e-1, "bf16": 2e-1})
     monkeypatch.setattr(run, "prepare", lambda name, spec, args, work, on_gpu:
                         {**spec, "workload": name, "steps": 2})
     ran = []

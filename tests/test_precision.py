@@ -48,3 +48,19 @@ def test_a_half_precision_checkpoint_trains_in_fp32(dtype, precision, tokenizer,
     moments = [t for s in optimizer["state"].values() for k, t in s.items() if k != "step"]
     assert len(moments) == 2 * len(weights)
     assert {t.dtype for t in moments} == {torch.float32}
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_says_so(monkeypatch, capsys, has_bf16):
+    """Such a CPU multiplies bf16 in torch's reference kernel: the user is told, once."""
+    from accelerate.state import AcceleratorState
+
+    from core import parallel
+    monkeypatch.setattr(parallel, "cpu_multiplies_bf16", lambda: has_bf16)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        parallel.make_accelerator("bf16")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    warned = "no bf16 matrix instructions" in capsys.readouterr().out
+    assert warned is not has_bf16
