@@ -35,12 +35,6 @@ def peft_model(tiny_llama, dtype=torch.float32, **lora):
     return with_b(get_peft_model(base, config))
 
 
-def peft_forward(model) -> None:
-    """Back to peft's own forward on every layer."""
-    for module in model.modules():
-        module.__dict__.pop("forward", None)
-
-
 IDS = torch.randint(0, 300, (3, 19), generator=torch.Generator().manual_seed(1))
 
 
