@@ -12,6 +12,17 @@ SHARED = ROOT.parent / "shared"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# README's command runs the tests in one pytest-xdist worker a core (setup.cfg). Each
+# worker, and every process a test starts, then takes one thread: two OpenMP teams on the
+# same two cores would each wait at every barrier for a thread the other displaced.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+        torch.set_num_threads(1)
 
 
 def shared_path(*parts: str) -> Path:
