@@ -25,6 +25,17 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under xdist, the modules holding slow or real tests first: the workers are handed a
+    module at a time in this order, and the longest started first leave no worker waiting
+    alone at the end for a module of minutes handed out last."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    heavy = {item.nodeid.split("::")[0] for item in items
+             if item.get_closest_marker("slow") or item.get_closest_marker("real")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in heavy)  # stable
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, skipping the test cleanly where the assets are absent."""
     path = SHARED.joinpath(*parts)
