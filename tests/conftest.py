@@ -26,14 +26,19 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under xdist, the modules holding slow or real tests first: the workers are handed a
-    module at a time in this order, and the longest started first leave no worker waiting
-    alone at the end for a module of minutes handed out last."""
+    """Under xdist, the longest modules first: those with real-asset tests (real models
+    trained for minutes), then those with slow ones. The workers are handed a module at a
+    time in this order, and the longest started first leave no worker waiting alone at
+    the end for a module of minutes handed out last."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    heavy = {item.nodeid.split("::")[0] for item in items
-             if item.get_closest_marker("slow") or item.get_closest_marker("real")}
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in heavy)  # stable
+    rank: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        weight = 0 if item.get_closest_marker("real") else 1 if item.get_closest_marker(
+            "slow") else 2
+        rank[module] = min(rank.get(module, 2), weight)
+    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])  # stable: order within kept
 
 
 def shared_path(*parts: str) -> Path:
