@@ -12,17 +12,20 @@ SHARED = ROOT.parent / "shared"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# README's command runs the tests in one pytest-xdist worker a core (setup.cfg). Each
-# worker, and every process a test starts, then takes one thread: two OpenMP teams on the
-# same two cores would each wait at every barrier for a thread the other displaced.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["OMP_NUM_THREADS"] = "1"
+# A training log's figures that measure the machine, not the run: they differ between
+# two runs of the same steps (the peak RSS is the process's so far, so it depends on
+# what ran before in it). Tests comparing two runs' logs leave them out.
+MEASURED = frozenset({"samples_per_s", "tokens_per_s", "tflops", "mfu", "peak_rss_mib"})
 
 
 def pytest_configure(config):
+    """README's command runs the tests in one pytest-xdist worker a core (setup.cfg). Each
+    worker, and every process a test starts, then takes one thread: two OpenMP teams on
+    the same two cores would each wait at every barrier for a thread the other displaced."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"  # the processes tests start
         import torch
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # this worker
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,13 +35,18 @@ def pytest_collection_modifyitems(config, items):
     the end for a module of minutes handed out last."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
+
+    def module(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    def weight(item) -> int:
+        return next((rank for rank, mark in enumerate(("real", "slow"))
+                     if item.get_closest_marker(mark)), 2)
+
     rank: dict[str, int] = {}
     for item in items:
-        module = item.nodeid.split("::")[0]
-        weight = 0 if item.get_closest_marker("real") else 1 if item.get_closest_marker(
-            "slow") else 2
-        rank[module] = min(rank.get(module, 2), weight)
-    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])  # stable: order within kept
+        rank[module(item)] = min(rank.get(module(item), 2), weight(item))
+    items.sort(key=lambda item: rank[module(item)])  # stable: the order within a module kept
 
 
 def shared_path(*parts: str) -> Path:

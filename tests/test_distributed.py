@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import MEASURED
+
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "dist_worker.py"
-TIMING = {"samples_per_s", "tokens_per_s", "tflops", "mfu", "peak_rss_mib"}
 pytestmark = pytest.mark.slow
 
 
@@ -42,7 +43,7 @@ def stdio(out: Path, rank: int, stream: str = "err", name: str = "stdio") -> str
 
 def records(out: Path, kind: str | None = None) -> list[dict]:
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING}
+    return [{k: v for k, v in r.items() if k not in MEASURED}
             for r in rows if kind is None or r["type"] == kind]
 
 

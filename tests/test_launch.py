@@ -25,10 +25,10 @@ import torch
 from safetensors.torch import load_file
 
 import train_lora
+from conftest import MEASURED
 from core.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = {"samples_per_s", "tokens_per_s", "tflops", "mfu", "peak_rss_mib"}
 pytestmark = pytest.mark.slow
 
 
@@ -50,7 +50,7 @@ def launch(script: str, world: int, *args: str) -> subprocess.CompletedProcess:
 
 def records(out: Path, kind: str = "train") -> list[dict]:
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows if r["type"] == kind]
+    return [{k: v for k, v in r.items() if k not in MEASURED} for r in rows if r["type"] == kind]
 
 
 def write_rows(path: Path, rows: list[str]) -> str:

@@ -18,13 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 import train_lora
+from conftest import MEASURED
 from core.errors import run_cli
 from tasks.instruct import CausalLMTask
 
 FLAGS = ["--demo", "--lora-r", "4", "8", "--max-train-samples", "96", "--batch-size", "8",
          "--grad-accum", "2", "--epochs", "1", "--lora-dropout", "0.1", "--log-every", "2",
          "--eval-batch-size", "32"]
-TIMING = {"samples_per_s", "tokens_per_s", "tflops", "mfu", "peak_rss_mib"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def records(r_dir):
     rows = [json.loads(line) for line in (r_dir / "train_log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    return [{k: v for k, v in r.items() if k not in MEASURED} for r in rows]
 
 
 @pytest.mark.parametrize("base", [[], ["--load-in-4bit"]], ids=["fp32 base", "4-bit base"])

@@ -22,6 +22,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import train_cls
+from conftest import MEASURED
 from core.config import parse_config
 from core.errors import run_cli
 from tasks.classification import ClassificationTask
@@ -29,16 +30,13 @@ from tasks.classification import ClassificationTask
 FLAGS = ["--demo", "--max-train-samples", "96", "--max-eval-samples", "40", "--epochs", "3",
          "--keep-best", "loss", "--early-stopping-patience", "1", "--report-to", "tensorboard",
          "--save-every", "3"]
-# Measurements of the machine, not of the run: the process's peak RSS so far depends on
-# what the test process ran before it.
-TIMING = {"samples_per_s", "tokens_per_s", "tflops", "mfu", "peak_rss_mib"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def records(out, kind=None):
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows
+    return [{k: v for k, v in r.items() if k not in MEASURED} for r in rows
             if kind is None or r["type"] == kind]
 
 
