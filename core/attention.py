@@ -18,8 +18,9 @@ padding row of a left-padded causal batch) averages every key, as transformers'
 eager attention does, where SDPA gives zeros: it is padding either way. The dropout
 masks come from 16-bit lanes of the random words (`core.dropout.lane_keep`), like
 `LaneDropout`'s. Everything else (evaluation, a p of 0, another device, a mask that
-is trained, attention with a position bias or a soft cap, or asked for its weights)
-goes to transformers' own `sdpa` function unchanged.
+is trained, attention with a position bias or a soft cap, or asked for its weights,
+and attention of fewer scores than `core.dropout.LANES_FROM`, where a chunk's Python
+costs more than it saves) goes to transformers' own `sdpa` function unchanged.
 
 `use_lane_attention(model)` registers the function with transformers'
 `AttentionInterface` and switches a model that uses `sdpa` to it (for good: the
@@ -33,7 +34,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from core.dropout import dropped_lanes, drops_in_lanes, keep_scale, lane_keep
+from core.dropout import dropped_lanes, drops_in_lanes, keep_scale, lane_keep, lanes_pay
 
 NAME = "rawtune_lanes"  # the name under which transformers finds it
 CHUNK_BYTES = 4 << 20  # one chunk's fp32 scores: a few MiB, so a chunk stays in cache
@@ -132,8 +133,9 @@ def lane_attention(module: nn.Module, query, key, value, attention_mask, dropout
     on a CPU, transformers' `sdpa` function everywhere else."""
     trained_mask = attention_mask is not None and attention_mask.requires_grad
     unsupported = any(kwargs.get(name) is not None for name in ("position_bias", "softcap"))
+    scores = query.shape[:3].numel() * key.shape[2]  # [batch, heads, queries] x keys
     if (not drops_in_lanes(dropout) or query.device.type != "cpu" or trained_mask or unsupported
-            or kwargs.get("output_attentions")):
+            or kwargs.get("output_attentions") or not lanes_pay(scores)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)

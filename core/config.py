@@ -91,10 +91,11 @@ class TrainConfig:
                                   "it is), auto (reuse where a trained weight is 32 MiB or "
                                   "more, as in full fine-tuning, else return)",
                           choices=list(host_memory.POLICIES))
-    lane_dropout: bool = opt(True, "on a CPU without --compile: dropout masks cut 16 bits an "
-                                   "element from 64-bit random words (a quarter of nn.Dropout's "
-                                   "random draws, p rounded to 1/65536; core/dropout.py), and "
-                                   "sdpa's attention dropout a few examples at a time, in cache "
+    lane_dropout: bool = opt(True, "on a CPU without --compile, on tensors of 32k elements or "
+                                   "more: dropout masks cut 16 bits an element from 64-bit "
+                                   "random words (a quarter of nn.Dropout's random draws, p "
+                                   "rounded to 1/65536; core/dropout.py), and sdpa's attention "
+                                   "dropout a few examples at a time, in cache "
                                    "(core/attention.py)")
     peak_tflops: float | None = opt(None, "one device's peak in TFLOP/s, for MFU in the log "
                                           "(default: the dense bf16 peak of known GPUs)")

@@ -13,7 +13,10 @@ keeps its expected value. The words come from torch's default generator, so `--s
 and a checkpoint's saved generator state make the masks repeat run after run.
 
 On a GPU, torch's dropout is already one fused kernel with its own generator; there,
-and under --compile (whose kernels fuse the draws too), `nn.Dropout` stays.
+and under --compile (whose kernels fuse the draws too), `nn.Dropout` stays. So does
+torch's dropout on a tensor of fewer than LANES_FROM elements, where the lanes lose:
+their forward and backward are Python (an autograd Function), a fixed cost a call that
+the draws they save on a small tensor do not repay.
 """
 
 import torch
@@ -21,6 +24,12 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 LANES = 65536  # the values of one 16-bit lane
+# Below this many elements (or attention scores) a tensor keeps torch's own dropout.
+# Measured in whole training steps of the cls-tiny benchmark (width 64, most of its
+# dropouts and attentions under 32k elements), lanes on every tensor cost 6-11 % of a
+# step against none; with this threshold, nothing. On MiniLM (cls-short) and the LoRA
+# workloads, whose tensors are larger, it changes nothing (docs/benchmarks.md).
+LANES_FROM = 1 << 15
 
 
 def dropped_lanes(p: float) -> int:
@@ -31,6 +40,11 @@ def dropped_lanes(p: float) -> int:
 def drops_in_lanes(p: float) -> bool:
     """Whether lanes can draw a dropout of p: one they round to neither 0 nor 1."""
     return 0 < dropped_lanes(p) < LANES
+
+
+def lanes_pay(numel: int) -> bool:
+    """Whether drawing a tensor's masks from lanes pays: at LANES_FROM elements or more."""
+    return numel >= LANES_FROM
 
 
 def keep_scale(dropped: int) -> float:
@@ -70,7 +84,8 @@ class KeptScaled(torch.autograd.Function):
 
 
 class LaneDropout(nn.Module):
-    """`nn.Dropout(p)` with masks cut from 64-bit random words, 16 bits an element."""
+    """`nn.Dropout(p)` with masks cut from 64-bit random words, 16 bits an element, on
+    tensors large enough for that to pay; torch's dropout of p on smaller ones."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -83,6 +98,8 @@ class LaneDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.dropped == 0:
             return x
+        if not lanes_pay(x.numel()):
+            return nn.functional.dropout(x, self.p, training=True)
         keep = lane_keep(x.shape, self.dropped, x.device).view(torch.uint8)
         return KeptScaled.apply(x, keep, self.scale)
 

@@ -108,6 +108,14 @@ def threads_for_load():
 
 
 @pytest.fixture
+def lanes_at_every_size(monkeypatch):
+    """Lane dropout and chunked attention on tensors of any size: a test's tensors are far
+    below the size from which the loop draws from lanes (core.dropout.LANES_FROM)."""
+    import core.dropout
+    monkeypatch.setattr(core.dropout, "LANES_FROM", 0)
+
+
+@pytest.fixture
 def cpu_amp(monkeypatch):
     """Mixed precision on a CPU, standing in for a GPU's: `cpu_amp(module, precision,
     **scaler_kwargs)` makes `module.make_accelerator` return an Accelerator that autocasts

@@ -13,7 +13,7 @@ from tasks.lora_config import LoraRunConfig
 from tasks.adapter_casts import set_adapter_input_casts
 from tasks.lora_model import base_dtype, build_lora_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "lanes_at_every_size")
 CPU = torch.device("cpu")
 
 

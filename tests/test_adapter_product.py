@@ -15,7 +15,7 @@ from tasks.adapter_product import adapters_in_one_product
 from tasks.lora_config import LoraRunConfig
 from tasks.lora_model import base_dtype, build_lora_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "lanes_at_every_size")
 CPU = torch.device("cpu")
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

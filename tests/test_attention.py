@@ -10,6 +10,8 @@ import core.attention as attention
 from core.attention import ChunkedAttention, lane_attention, use_lane_attention
 from core.dropout import LANES, dropped_lanes
 
+pytestmark = pytest.mark.usefixtures("lanes_at_every_size")
+
 
 @pytest.fixture
 def drawn(monkeypatch) -> list:

@@ -6,6 +6,8 @@ from torch import nn
 
 from core.dropout import LaneDropout, lane_keep, use_lane_dropout
 
+pytestmark = pytest.mark.usefixtures("lanes_at_every_size")
+
 
 def masks(p: float, n: int = 1 << 20) -> torch.Tensor:
     return LaneDropout(p).train()(torch.ones(n))

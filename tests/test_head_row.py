@@ -19,7 +19,7 @@ from core.attention import use_lane_attention
 from core.dropout import LANES, dropped_lanes
 from tasks.head_row import first_row_only
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "lanes_at_every_size")
 VOCAB, LAYERS = 120, 3
 SIZES = dict(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
              intermediate_size=64, vocab_size=VOCAB)
