@@ -116,6 +116,19 @@ def lanes_at_every_size(monkeypatch):
 
 
 @pytest.fixture
+def drawn(monkeypatch) -> list:
+    """The keep-masks core.attention's chunked attention draws, chunk by chunk, in order."""
+    import core.attention
+    masks, draw = [], core.attention.lane_keep
+
+    def record(*args):
+        masks.append(draw(*args))
+        return masks[-1]
+    monkeypatch.setattr(core.attention, "lane_keep", record)
+    return masks
+
+
+@pytest.fixture
 def cpu_amp(monkeypatch):
     """Mixed precision on a CPU, standing in for a GPU's: `cpu_amp(module, precision,
     **scaler_kwargs)` makes `module.make_accelerator` return an Accelerator that autocasts

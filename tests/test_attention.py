@@ -13,18 +13,6 @@ from core.dropout import LANES, dropped_lanes
 pytestmark = pytest.mark.usefixtures("lanes_at_every_size")
 
 
-@pytest.fixture
-def drawn(monkeypatch) -> list:
-    """The keep-masks ChunkedAttention draws, chunk by chunk, in order."""
-    masks, draw = [], attention.lane_keep
-
-    def record(*args):
-        masks.append(draw(*args))
-        return masks[-1]
-    monkeypatch.setattr(attention, "lane_keep", record)
-    return masks
-
-
 def plain_attention(q, k, v, bias, keep, keep_scale, scale):
     return (torch.softmax(q @ k.transpose(-1, -2) * scale + bias, -1) * keep * keep_scale) @ v
 

@@ -84,7 +84,7 @@ def test_swaps_every_dropout_module_of_a_lora_model():
 
 @pytest.mark.parametrize("lanes", [True, False])
 def test_the_loop_swaps_dropout_and_attention_on_a_cpu_unless_told_not_to(lanes, tmp_path,
-                                                                          monkeypatch):
+                                                                          drawn):
     from accelerate import Accelerator
     from transformers import AutoModelForSequenceClassification
 
@@ -99,9 +99,6 @@ def test_the_loop_swaps_dropout_and_attention_on_a_cpu_unless_told_not_to(lanes,
     task = ClassificationTask(EVAL_ROWS, PAD, 8, LABELS, accelerator)
     flags = ["--model", "tiny", "--batch-size", "4", "--max-steps", "2", "--seed", "0"]
     cfg = parse_config(TrainConfig, flags + ([] if lanes else ["--no-lane-dropout"]), "test")
-    import core.attention
-    drawn = []  # attention masks drawn by core/attention.py's own lane_keep
-    monkeypatch.setattr(core.attention, "lane_keep", lambda *a: drawn.append(1) or lane_keep(*a))
     rows = make_rows(8, seed=1)
     loop.train(model, task, loop.TrainData(rows, task.collate, [len(r["input_ids"]) for r in rows]),
                cfg, accelerator, tmp_path)

@@ -13,7 +13,6 @@ from transformers import (BertConfig, BertForSequenceClassification, CamembertCo
                           RobertaForSequenceClassification, XLMRobertaConfig,
                           XLMRobertaForSequenceClassification)
 
-import core.attention as attention
 import train_cls
 from core.attention import use_lane_attention
 from core.dropout import LANES, dropped_lanes
@@ -139,11 +138,9 @@ def test_what_may_read_other_rows_gets_the_whole_layer(case):
         assert len(getattr(got, case[7:])) == len(getattr(want, case[7:]))
 
 
-def test_attention_dropout_in_lanes_draws_the_first_rows_masks(monkeypatch):
+def test_attention_dropout_in_lanes_draws_the_first_rows_masks(drawn, monkeypatch):
     """Training on a CPU: rawtune's chunked attention with dropout, one query row in the
     last layer, against the full eager model given the masks it drew (other rows: kept)."""
-    drawn, draw = [], attention.lane_keep
-    monkeypatch.setattr(attention, "lane_keep", lambda *a: drawn.append(draw(*a)) or drawn[-1])
     ours = tiny("bert", dropout=0.25).train()
     assert use_lane_attention(ours) and first_row_only(ours)
     _, loss, grads = loss_and_grads(ours, batch("bert"))

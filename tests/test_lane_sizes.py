@@ -6,7 +6,6 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-import core.attention as attention
 from core.attention import lane_attention
 from core.dropout import LANES_FROM, LaneDropout, lane_keep
 
@@ -33,11 +32,9 @@ def test_from_the_threshold_the_masks_come_from_lanes():
 
 
 @pytest.mark.parametrize("length, lanes", [(31, False), (32, True)])
-def test_attention_goes_to_lanes_from_the_threshold_of_scores(length, lanes, monkeypatch):
+def test_attention_goes_to_lanes_from_the_threshold_of_scores(length, lanes, drawn):
     # 8 rows x 4 heads x length queries x length keys: 32 tokens make LANES_FROM scores.
     assert 8 * 4 * 32 * 32 == LANES_FROM
-    drawn = []
-    monkeypatch.setattr(attention, "lane_keep", lambda *a: drawn.append(a) or lane_keep(*a))
 
     class Module(nn.Module):
         num_key_value_groups, is_causal = 1, False
